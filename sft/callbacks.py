@@ -285,6 +285,24 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+RUN_END_NAME = "run_end.json"
+
+
+def write_run_end(output_dir: str | os.PathLike, status: str, message: str = "",
+                  final_model: str | os.PathLike | None = None) -> None:
+    """Mark the run as over (finished / stopped / failed) for a watching evaluator; written last."""
+    latest = latest_complete_checkpoint(output_dir)
+    write_json_atomic(Path(output_dir) / RUN_END_NAME, {
+        "status": status, "message": message, "time": round(time.time(), 3),
+        "last_checkpoint": os.path.basename(latest) if latest else None,
+        "final_model": str(final_model) if final_model else None,
+    })
+
+
+def clear_run_end(output_dir: str | os.PathLike) -> None:
+    (Path(output_dir) / RUN_END_NAME).unlink(missing_ok=True)
+
+
 def data_state_name(rank: int, world_size: int) -> str:
     return DATA_STATE_NAME if world_size <= 1 else f"data_state-rank{rank}.json"
 

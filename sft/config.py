@@ -73,6 +73,12 @@ class DataArguments:
         default=0, metadata={"help": "Stop after N evaluations without a better validation loss (0: off)."}
     )
     log_sample_ids: bool = field(default=False, metadata={"help": "Write the sample ids of every step (debugging)."})
+    eval_prompts: str | None = field(
+        default=None, metadata={"help": "hf_sft_eval.py: prompts file to generate on (default: validation records)."}
+    )
+    general_eval: str | None = field(
+        default=None, metadata={"help": "hf_sft_eval.py: general-ability prompts scored for forgetting."}
+    )
 
     def problems(self) -> list[str]:
         out = []

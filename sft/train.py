@@ -155,7 +155,7 @@ def run_training(config: SFTConfig) -> int:
     if resume:
         stream.load_state(load_data_state(resume, rank))
     eval_batches = build_eval_batches(_validation_conversations(config, sources), tokenizer, encode_options,
-                                      stream_options)
+                                      dataclasses.replace(stream_options, batch_size=t.per_device_eval_batch_size))
 
     precision = resolve_precision(config.model.precision)
     args = _trainer_args(config, max_steps, precision, has_eval=bool(eval_batches))
@@ -186,16 +186,22 @@ def run_training(config: SFTConfig) -> int:
         return trainer
 
     if rank == 0:
+        cb.clear_run_end(t.output_dir)  # a resumed run is running again: watchers must keep waiting
         trainable, total = count_parameters(model)
         print(cb.start_banner(config, trainable, total, world_size=world, max_steps=max_steps), flush=True)
-    if config.method.finetuning_type == "full_then_lora":
-        # Phase 2 must continue the stream where phase 1 stopped, not restart it.
-        model = run_full_then_lora(make_trainer, model, tokenizer, config.method, args, resume,
-                                   before_lora_phase=lambda ckpt: stream.load_state(load_data_state(ckpt, rank)))
-    else:
-        make_trainer(model, args).train(resume_from_checkpoint=resume)
-    for run in runs:
-        cb.raise_if_nonfinite(run.nonfinite, t.output_dir)
+    try:
+        if config.method.finetuning_type == "full_then_lora":
+            # Phase 2 must continue the stream where phase 1 stopped, not restart it.
+            model = run_full_then_lora(make_trainer, model, tokenizer, config.method, args, resume,
+                                       before_lora_phase=lambda ckpt: stream.load_state(load_data_state(ckpt, rank)))
+        else:
+            make_trainer(model, args).train(resume_from_checkpoint=resume)
+        for run in runs:
+            cb.raise_if_nonfinite(run.nonfinite, t.output_dir)
+    except BaseException as err:
+        if rank == 0:
+            cb.write_run_end(t.output_dir, "failed", f"{type(err).__name__}: {err}")
+        raise
     stopped = next((m for m in (cb.stop_message(run) for run in runs) if m), None)
     if rank == 0:
         if stopped and "early stopping" not in stopped:
@@ -205,6 +211,9 @@ def run_training(config: SFTConfig) -> int:
             if stopped:
                 logger.info(stopped)
         _write_summary(t.output_dir, stream)
+        final = stopped is None or "early stopping" in stopped
+        cb.write_run_end(t.output_dir, "finished" if final else "stopped", stopped or "",
+                         final_model=t.output_dir if final else None)
         logger.info("Finished: %s; data: %s; %s", t.output_dir, stream.counters, stream.encode_stats.summary())
     return 0
 

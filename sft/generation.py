@@ -1,0 +1,194 @@
+"""Inference: load a trained result (full weights or an adapter on its base) and generate answers.
+
+    model, tokenizer = load_for_inference("outputs/demo/checkpoint-80")
+    ids = prompt_ids(conversation, tokenizer, template="auto")       # exactly the training prefix
+    answers = generate_answers(model, tokenizer, [ids, ...], GenerationOptions(max_new_tokens=64))
+    # [Generated(text="I'm Lumen, ...", num_tokens=12, stopped=True), ...]
+
+Prompts are built by the same renderer the trainer uses (sft.template), cut at the answer of the last
+assistant turn, so the model sees at inference exactly the token prefix it was trained to continue.
+Generation is batched with left padding and a KV cache and stops at the template's turn-end token.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .chat_templates import TURN_END_TOKENS
+from .conversation import Conversation, Message
+from .models import load_model, load_tokenizer, resolve_model_path
+from .template import render_segments
+from .encoding import tokenize_segments
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 128
+    do_sample: bool = False  # greedy by default: evaluation must be repeatable
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Generated:
+    text: str
+    num_tokens: int
+    stopped: bool  # ended on a turn-end/eos token (False: cut by max_new_tokens)
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(adapter_dir: str | os.PathLike, base_override: str | None = None) -> str:
+    """The base model an adapter was trained on: --base_model, else adapter_config's base_model_name_or_path.
+
+    A relative or moved base (e.g. full_then_lora's `full_phase/`) is also looked for beside the run.
+    """
+    if base_override:
+        return base_override
+    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path") or ""
+    if not base:
+        raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG} does not name its base model; pass --base_model PATH")
+    if os.path.isdir(base) or not base.startswith(("/", ".")):
+        return base
+    for parent in (Path(adapter_dir), Path(adapter_dir).parent):
+        candidate = parent / Path(base).name
+        if candidate.is_dir():
+            return str(candidate)
+    raise FileNotFoundError(f"base model {base} of adapter {adapter_dir} not found; pass --base_model PATH")
+
+
+def load_for_inference(path: str, base_model: str | None = None, dtype: str = "float32",
+                       merge: bool = False, device: str = "cpu"):
+    """(model, tokenizer) for a model folder, built-in name, hub id, or an adapter folder on its base.
+
+    merge=True folds a LoRA adapter into the base weights (faster generation, plain model returned).
+    The tokenizer comes from `path` when it has one (checkpoints carry the chat template), else the base.
+    """
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        base = adapter_base(path, base_model)
+        model = PeftModel.from_pretrained(load_model(base, dtype=dtype), path)
+        if merge:
+            model = model.merge_and_unload()
+        tokenizer = load_tokenizer(path if _has_tokenizer(path) else base)
+    else:
+        model = load_model(path, dtype=dtype)
+        tokenizer = load_tokenizer(path)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+# ------------------------------------------------------------------------------------- prompts
+
+
+def prompt_ids(conv: Conversation, tokenizer, template: str = "auto", system_prompt: str | None = None) -> list[int]:
+    """Token ids of `conv` (ending with a user/tool turn) plus the assistant generation prompt.
+
+    A placeholder answer is rendered and cut off, so the prefix is the one training saw before an answer.
+    """
+    if conv.messages and conv.messages[-1].role == "assistant":
+        raise ValueError("the conversation to answer ends with an assistant message; drop it (it is the answer)")
+    probe = Conversation([*conv.messages, Message("assistant", "x")], system=conv.system, tools=conv.tools)
+    last = len(probe.messages) - 1
+    segments = render_segments(probe, tokenizer, template, system_prompt)
+    pieces = tokenize_segments(segments, tokenizer)
+    ids: list[int] = []
+    for segment, piece in zip(segments, pieces):
+        if segment.answer and segment.message_index == last:
+            return ids
+        ids += piece
+    raise ValueError("the template rendered no assistant answer position; check --template")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """eos plus every turn-end token the tokenizer knows (generation stops at the first)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in TURN_END_TOKENS if t in vocab)
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------- generation
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, prompts: list[list[int]], options: GenerationOptions | None = None,
+                     ) -> list[Generated]:
+    """Answers for token-id prompts, batched (longest first, left padding), in the input order."""
+    options = options or GenerationOptions()
+    stops = stop_token_ids(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[Generated | None] = [None] * len(prompts)
+    for start in range(0, len(order), options.batch_size):
+        chunk = order[start:start + options.batch_size]
+        for i, answer in zip(chunk, _generate_batch(model, tokenizer, [prompts[i] for i in chunk], options, stops)):
+            out[i] = answer
+    return out  # type: ignore[return-value]
+
+
+def _generate_batch(model, tokenizer, prompts: list[list[int]], options: GenerationOptions,
+                    stops: list[int]) -> list[Generated]:
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    if options.do_sample:
+        torch.manual_seed(options.seed)
+    sampling = dict(temperature=options.temperature, top_p=options.top_p) if options.do_sample else {}
+    output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=options.max_new_tokens,
+                            do_sample=options.do_sample, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                            top_k=None, **sampling)
+    return [_decode(row[width:].tolist(), tokenizer, stops) for row in output]
+
+
+def _decode(new_ids: list[int], tokenizer, stops: list[int]) -> Generated:
+    stop_at = next((k for k, t in enumerate(new_ids) if t in stops), None)
+    kept = new_ids if stop_at is None else new_ids[:stop_at]
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return Generated(text=text.strip(), num_tokens=len(kept) + (stop_at is not None), stopped=stop_at is not None)
+
+
+def conversation_from_prompt(record: dict, where: str) -> tuple[Conversation, str | None]:
+    """An eval/batch input record -> (conversation to answer, reference answer or None).
+
+    Accepts {"prompt": str, "system"?: str, "reference"?: str} or any training format (the final
+    assistant turn, if present, becomes the reference).
+    """
+    from .formats import detect_format, to_conversation
+
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and "completion" not in record:
+        system = record.get("system")
+        return Conversation([Message("user", record["prompt"])], system=system), record.get("reference")
+    try:
+        conv = to_conversation(record, detect_format(record))
+    except Exception as err:
+        raise ValueError(f"{where}: not a prompt record ({err}); expected {{\"prompt\": \"...\"}} "
+                         "or a conversation in a training format") from err
+    if conv.messages and conv.messages[-1].role == "assistant":
+        reference = conv.messages[-1].content
+        return Conversation(conv.messages[:-1], system=conv.system, tools=conv.tools), reference
+    return conv, None
+
+
+def model_display_name(path: str) -> str:
+    resolved = resolve_model_path(path)
+    return path if resolved == path else f"{path} ({resolved})"
