@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from .callbacks import COMPLETE_MARKER, RUN_END_NAME, TRAIN_LOG_NAME, _CHECKPOINT_RE
+from .callbacks import COMPLETE_MARKER, RUN_END_NAME, _CHECKPOINT_RE
 from .conversation import Conversation
 from .data import StreamOptions, build_eval_batches, read_conversations
 from .encoding import EncodeOptions

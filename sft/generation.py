@@ -157,10 +157,11 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], options: Generat
     output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=options.max_new_tokens,
                             do_sample=options.do_sample, eos_token_id=stops, pad_token_id=pad, use_cache=True,
                             top_k=None, **sampling)
-    return [_decode(row[width:].tolist(), tokenizer, stops) for row in output]
+    return [decode_generated(row[width:].tolist(), tokenizer, stops) for row in output]
 
 
-def _decode(new_ids: list[int], tokenizer, stops: list[int]) -> Generated:
+def decode_generated(new_ids: list[int], tokenizer, stops: list[int]) -> Generated:
+    """New token ids -> Generated, cut at the first stop token (counted in num_tokens)."""
     stop_at = next((k for k, t in enumerate(new_ids) if t in stops), None)
     kept = new_ids if stop_at is None else new_ids[:stop_at]
     text = tokenizer.decode(kept, skip_special_tokens=True)
@@ -185,7 +186,7 @@ def conversation_from_prompt(record: dict, where: str) -> tuple[Conversation, st
                          "or a conversation in a training format") from err
     if conv.messages and conv.messages[-1].role == "assistant":
         reference = conv.messages[-1].content
-        return Conversation(conv.messages[:-1], system=conv.system, tools=conv.tools), reference
+        return Conversation(conv.messages[:-1], system=conv.system, tools=conv.tools, meta=conv.meta), reference
     return conv, None
 
 

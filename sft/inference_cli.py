@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, TextIO
 import torch
 
 from .conversation import PLAIN_TEXT, Conversation, Message
-from .generation import (GenerationOptions, Generated, _decode, conversation_from_prompt, generate_answers,
+from .generation import (GenerationOptions, Generated, decode_generated, conversation_from_prompt, generate_answers,
                          load_for_inference, prompt_ids, stop_token_ids)
 from .template import TEMPLATES
 
@@ -154,7 +154,7 @@ def stream_reply(model, tokenizer, ids: list[int], options: GenerationOptions, o
                             max_new_tokens=options.max_new_tokens, do_sample=options.do_sample,
                             eos_token_id=stops, pad_token_id=pad, use_cache=True, top_k=None,
                             streamer=_streamer(tokenizer, out), **sampling)
-    return _decode(output[0, len(ids):].tolist(), tokenizer, stops)
+    return decode_generated(output[0, len(ids):].tolist(), tokenizer, stops)
 
 
 def run_chat(model, session: ChatSession, options: GenerationOptions, lines: Iterable[str],

@@ -34,9 +34,15 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(choice: str) -> str:
+def resolve_precision(choice: str, bf16_flag: bool = False, fp16_flag: bool = False) -> str:
+    """--precision wins; with auto, an explicit --bf16/--fp16 is honoured, else the hardware decides."""
     if choice != "auto":
         return choice
+    if bf16_flag or fp16_flag:
+        if not cpu_supports_bf16() and not torch.cuda.is_available() and bf16_flag:
+            logger.warning("--bf16 on a CPU without avx512_bf16/AMX: bf16 autocast is emulated and can be "
+                           "10-30x slower than fp32 here; use --precision fp32 unless you are testing bf16")
+        return "bf16" if bf16_flag else "fp16"
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
@@ -157,7 +163,7 @@ def run_training(config: SFTConfig) -> int:
     eval_batches = build_eval_batches(_validation_conversations(config, sources), tokenizer, encode_options,
                                       dataclasses.replace(stream_options, batch_size=t.per_device_eval_batch_size))
 
-    precision = resolve_precision(config.model.precision)
+    precision = resolve_precision(config.model.precision, t.bf16, t.fp16)
     args = _trainer_args(config, max_steps, precision, has_eval=bool(eval_batches))
     if t.process_index == 0:
         write_resolved_config(config, t.output_dir)

@@ -171,8 +171,9 @@ def test_adapter_and_merged_generate_the_same(data_dir, tmp_path):
                            "--save_steps", "3", "--eval_steps", "3"])
     assert hf_sft_eval.main(["--run", str(out), "--merge", "--threads", "1", "--nice", "0"]) == 0
     merged_dir = out / "merged"
-    assert isinstance(AutoModelForCausalLM.from_pretrained(merged_dir), AutoModelForCausalLM._model_mapping[
-        type(AutoModelForCausalLM.from_pretrained(merged_dir).config)])
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir)  # a plain model: no PEFT needed to load it
+    assert not [name for name, _ in plain.named_parameters() if "lora" in name]
+    assert not (merged_dir / "adapter_config.json").exists()
 
     options = GenerationOptions(max_new_tokens=8)
     questions = ["q1 alpha beta", "你好 世界", "two one"]
@@ -198,3 +199,24 @@ def test_errors_name_the_fix(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert hf_sft_eval.main(["--run", str(tmp_path)]) == 2
     assert "sft_config.yaml" in capsys.readouterr().err
+
+
+def test_full_then_lora_end_to_end_through_hf_sft_and_the_evaluator(data_dir, tmp_path):
+    """The hybrid on the real stream: one data order across the switch, phase-2 adapters on full_phase/."""
+    out = tmp_path / "hybrid"
+    _train(data_dir, out, ["--finetuning_type", "full_then_lora", "--full_ratio", "0.5", "--max_steps", "4",
+                           "--save_steps", "1", "--eval_steps", "1", "--save_total_limit", "10",
+                           "--log_sample_ids", "true"])
+    steps = [json.loads(line) for line in (out / "sample_ids-rank0.jsonl").read_text().splitlines()]
+    ids = [i for record in steps for i in record["ids"]]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and len(ids) == len(set(ids)) == 8  # no replay at the switch
+    assert (out / "full_phase" / "model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+
+    assert hf_sft_eval.main(_eval_args(out)) == 0
+    records = _metrics(out)
+    assert [(r["step"], r["model_kind"]) for r in records] == [(0, "full"), (1, "full"), (2, "adapter"),
+                                                               (3, "adapter"), (4, "adapter")]
+    logged = {r["step"]: r["eval_loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+              if "eval_loss" in r}
+    for record in records[1:]:  # each adapter evaluated on the right base gives the trainer's own number
+        assert record["eval_loss"] == pytest.approx(logged[record["step"]], rel=1e-4), record["step"]
