@@ -49,7 +49,9 @@ def lognormal_lengths(rng: np.random.Generator, n: int, median: float, sigma: fl
     return np.clip(rng.lognormal(np.log(median), sigma, n), 2, cap).astype(np.int64)
 
 
-def generate(rows: int, output: str, seed: int = 0, dup_rate: float = 0.01, block: int = 100_000) -> None:
+def generate(rows: int, output: str, seed: int = 0, dup_rate: float = 0.01, block: int = 100_000,
+             length_scale: float = 1.0) -> None:
+    """length_scale multiplies the median lengths (0.25: alpaca-zh-like short instructions)."""
     rng = np.random.default_rng(seed)
     pool = make_pool(rng)
     limit = len(pool) - 10_000
@@ -60,8 +62,8 @@ def generate(rows: int, output: str, seed: int = 0, dup_rate: float = 0.01, bloc
         for start in range(0, rows, block):
             n = min(block, rows - start)
             kinds = rng.choice(len(KINDS), size=n, p=WEIGHTS / WEIGHTS.sum())
-            in_len = lognormal_lengths(rng, n, 100, 0.85, 6000)
-            out_len = lognormal_lengths(rng, n, 200, 1.0, 8000)
+            in_len = lognormal_lengths(rng, n, 100 * length_scale, 0.85, 6000)
+            out_len = lognormal_lengths(rng, n, 200 * length_scale, 1.0, 8000)
             in_at = rng.integers(0, limit, n)
             out_at = rng.integers(0, limit, n)
             dup = rng.random(n) < dup_rate
@@ -87,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="bench/out/firefly-1.1M.jsonl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dup_rate", type=float, default=0.01)
+    p.add_argument("--length_scale", type=float, default=1.0, help="Scale the median lengths (0.25: short SFT data).")
     a = p.parse_args(argv)
     t = time.perf_counter()
-    generate(a.rows, a.output, a.seed, a.dup_rate)
+    generate(a.rows, a.output, a.seed, a.dup_rate, length_scale=a.length_scale)
     size = os.path.getsize(a.output)
     print(f"wrote {a.rows} rows, {size / 1e9:.2f} GB to {a.output} in {time.perf_counter() - t:.1f} s")
     return 0

@@ -105,7 +105,7 @@ def eval_main(argv: list[str]) -> int:
 
 def merge_run(run: Path, merge_from: str | None, output: str | None, base_model: str | None) -> int:
     """Fold the run's adapter into its base and save a plain model (+ tokenizer) loadable by AutoModelForCausalLM."""
-    from .callbacks import latest_complete_checkpoint
+    from .checkpoints import latest_complete_checkpoint
     from .generation import is_adapter_dir, load_for_inference
 
     source = merge_from or (str(run) if is_adapter_dir(run) else latest_complete_checkpoint(run))

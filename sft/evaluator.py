@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from .callbacks import COMPLETE_MARKER, RUN_END_NAME, _CHECKPOINT_RE
+from .checkpoints import CHECKPOINT_RE, COMPLETE_MARKER, RUN_END_NAME
 from .conversation import Conversation
 from .data import StreamOptions, build_eval_batches, read_conversations
 from .encoding import EncodeOptions
@@ -171,7 +171,7 @@ def complete_checkpoints(run_dir: Path) -> list[Target]:
     found = []
     if run_dir.is_dir():
         for child in run_dir.iterdir():
-            match = _CHECKPOINT_RE.match(child.name)
+            match = CHECKPOINT_RE.match(child.name)
             if match and (child / COMPLETE_MARKER).is_file():
                 found.append(Target(int(match.group(1)), str(child), child.name))
     return sorted(found, key=lambda t: t.step)

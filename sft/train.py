@@ -72,7 +72,7 @@ def stream_options_for(config: SFTConfig) -> StreamOptions:
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    from .callbacks import is_complete_checkpoint, latest_complete_checkpoint
+    from .checkpoints import is_complete_checkpoint, latest_complete_checkpoint
 
     if not value:
         return None
@@ -136,6 +136,7 @@ def run_training(config: SFTConfig) -> int:
     from transformers import Trainer, set_seed
 
     from . import callbacks as cb
+    from .checkpoints import clear_run_end, write_run_end
     from .loss import make_loss_func
     from .hybrid import run_full_then_lora
     from .methods import count_parameters, load_model_for_method, prepare_model, save_final
@@ -192,7 +193,7 @@ def run_training(config: SFTConfig) -> int:
         return trainer
 
     if rank == 0:
-        cb.clear_run_end(t.output_dir)  # a resumed run is running again: watchers must keep waiting
+        clear_run_end(t.output_dir)  # a resumed run is running again: watchers must keep waiting
         trainable, total = count_parameters(model)
         print(cb.start_banner(config, trainable, total, world_size=world, max_steps=max_steps), flush=True)
     try:
@@ -206,7 +207,7 @@ def run_training(config: SFTConfig) -> int:
             cb.raise_if_nonfinite(run.nonfinite, t.output_dir)
     except BaseException as err:
         if rank == 0:
-            cb.write_run_end(t.output_dir, "failed", f"{type(err).__name__}: {err}")
+            write_run_end(t.output_dir, "failed", f"{type(err).__name__}: {err}")
         raise
     stopped = next((m for m in (cb.stop_message(run) for run in runs) if m), None)
     if rank == 0:
@@ -218,7 +219,7 @@ def run_training(config: SFTConfig) -> int:
                 logger.info(stopped)
         _write_summary(t.output_dir, stream)
         final = stopped is None or "early stopping" in stopped
-        cb.write_run_end(t.output_dir, "finished" if final else "stopped", stopped or "",
+        write_run_end(t.output_dir, "finished" if final else "stopped", stopped or "",
                          final_model=t.output_dir if final else None)
         logger.info("Finished: %s; data: %s; %s", t.output_dir, stream.counters, stream.encode_stats.summary())
     return 0
@@ -249,7 +250,7 @@ def _autocast_dtype(precision: str):
 
 def _trainer_args(config: SFTConfig, max_steps: int, precision: str, has_eval: bool):
     """The TrainingArguments handed to the Trainer (the stream yields whole batches)."""
-    from .callbacks import checkpoint_args_overrides
+    from .checkpoints import checkpoint_args_overrides
 
     t = config.training
     changes = dict(

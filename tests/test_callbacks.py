@@ -9,21 +9,18 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sft.callbacks import (
-    COMPLETE_MARKER,
     BatchStats,
     EarlyStopping,
     GracefulStopCallback,
     TrainingStoppedError,
     attach_callbacks,
-    checkpoint_args_overrides,
-    is_complete_checkpoint,
-    latest_complete_checkpoint,
     raise_if_nonfinite,
-    read_data_state,
     recording_collator,
     start_banner,
     stop_message,
 )
+from sft.checkpoints import (COMPLETE_MARKER, checkpoint_args_overrides, is_complete_checkpoint,
+                             latest_complete_checkpoint, read_data_state)
 from sft.plots import loss_series, plot_losses, read_train_log
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

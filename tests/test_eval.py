@@ -80,6 +80,8 @@ def full_run(data_dir, tmp_path_factory):
 
 
 def test_evaluates_base_and_every_checkpoint_with_training_masking(full_run):
+    end = json.loads((full_run / "run_end.json").read_text())
+    assert end["status"] == "finished" and end["last_checkpoint"] == "checkpoint-4"
     assert hf_sft_eval.main(_eval_args(full_run)) == 0
     records = _metrics(full_run)
     assert [r["step"] for r in records] == [0, 2, 4]
