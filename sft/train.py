@@ -199,8 +199,15 @@ def run_training(config: SFTConfig) -> int:
     try:
         if config.method.finetuning_type == "full_then_lora":
             # Phase 2 must continue the stream where phase 1 stopped, not restart it.
+            def before_lora_phase(checkpoint: str) -> None:
+                stream.load_state(load_data_state(checkpoint, rank))
+                # Phase 1's DataLoader had already fetched its next batch (prefetch); phase 2 reads it
+                # again from the restored position, so the untrained copy must leave the per-step logs.
+                stats.clear()
+                sample_log.discard_pending()
+
             model = run_full_then_lora(make_trainer, model, tokenizer, config.method, args, resume,
-                                       before_lora_phase=lambda ckpt: stream.load_state(load_data_state(ckpt, rank)))
+                                       before_lora_phase=before_lora_phase)
         else:
             make_trainer(model, args).train(resume_from_checkpoint=resume)
         for run in runs:
@@ -282,6 +289,9 @@ class SampleIdLog(TrainerCallback):
     def record(self, ids: list[str]) -> None:
         if self.path:
             self.pending.append(ids)
+
+    def discard_pending(self) -> None:
+        self.pending = []
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.path:
