@@ -10,6 +10,7 @@ Each mode trains in its own subprocess (so peak RSS is its own), alternating whe
     ours          hf_sft.py defaults: length-grouped batches from the shuffle buffer, chunked loss on
                   supervised positions only
     ours_nogroup  ours without length grouping (padding like TRL's)
+    ours_gc       ours with --gradient_checkpointing (TRL's SFTConfig turns it on by default)
     ours_pack     ours with --packing (one row of up to batch x max_length tokens per step)
 
 Measured the same way for every mode: the collator's batches give computed / real (non-pad) /
@@ -32,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-MODES = ("trl", "ours", "ours_nogroup", "ours_pack")
+MODES = ("trl", "ours", "ours_gc", "ours_nogroup", "ours_pack")
 HELDOUT = 64
 
 
@@ -136,7 +137,7 @@ def child(args) -> dict:
 
 def _common_training_kwargs(args) -> dict:
     return dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=args.steps,
-                learning_rate=5e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, seed=42,
+                learning_rate=5e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, seed=args.seed,
                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
                 bf16=args.precision == "bf16", disable_tqdm=True)
 
@@ -184,7 +185,8 @@ def train_ours(args, meter: Meter):
     flags = ["--model", "smollm2-135m-instruct", "--data", args.data, "--max_length", "512",
              "--output_dir", args.out, "--finetuning_type", "full", "--precision", args.precision,
              "--group_by_length", str(args.child != "ours_nogroup").lower(),
-             "--packing", str(args.child == "ours_pack").lower(), "--shuffle_buffer", "1000"]
+             "--packing", str(args.child == "ours_pack").lower(), "--shuffle_buffer", "1000",
+             "--gradient_checkpointing", str(args.child == "ours_gc").lower()]
     for key, value in _common_training_kwargs(args).items():
         if key in ("report_to", "bf16"):
             continue
@@ -237,6 +239,7 @@ def main() -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on CPUs with avx512_bf16/AMX, else fp32 (bf16 is emulated and ~30x slower there)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--seed", type=int, default=42, help="Training seed (sample order) of every mode.")
     p.add_argument("--work", default="bench/out/vs_trl")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -261,16 +264,18 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
     for round_ in range(args.rounds):
         for mode in args.modes:
-            result_path = work / f"{mode}-{round_}.json"
+            result_path = work / f"{mode}-seed{args.seed}-{round_}.json"
             cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--precision", precision,
+                   "--seed", str(args.seed),
                    "--threads", str(args.threads), "--data", str(train), "--heldout", str(heldout),
                    "--out", str(work / f"run-{mode}"), "--result", str(result_path)]
-            with open(work / f"{mode}-{round_}.log", "w") as log:
+            with open(work / f"{mode}-seed{args.seed}-{round_}.log", "w") as log:
                 code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
             if code != 0:
-                sys.exit(f"{mode} failed (exit {code}); see {work / f'{mode}-{round_}.log'}")
+                sys.exit(f"{mode} failed (exit {code}); see {work / f'{mode}-seed{args.seed}-{round_}.log'}")
             result = json.loads(result_path.read_text())
             result["mfu"] = round(6 * result["params"] * result["real_tokens_per_s"] / (peak * 1e9), 4)
+            result["seed"] = args.seed
             results.append(result)
             print(json.dumps(result), flush=True)
     report(results, args, precision, peak)
@@ -280,7 +285,7 @@ def report(results: list[dict], args, precision: str, peak: float) -> None:
     trl = [r["real_tokens_per_s"] for r in results if r["mode"] == "trl"]
     base = sum(trl) / len(trl) if trl else None
     print(f"\n{args.samples} samples, max_length 512, batch 8, {args.steps} steps (steps 3..{args.steps - 1} timed), "
-          f"constant lr 5e-5, {precision}, {args.threads} threads, GEMM peak {peak:.0f} GFLOP/s\n")
+          f"constant lr 5e-5, seed {args.seed}, {precision}, {args.threads} threads, GEMM peak {peak:.0f} GFLOP/s\n")
     print("| mode | real tok/s | supervised tok/s | padding | peak RSS MB | held-out loss | MFU | vs TRL |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:

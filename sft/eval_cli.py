@@ -53,6 +53,20 @@ def eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+def wait_for_run_start(run: Path, poll_seconds: float, max_idle_minutes: float | None) -> None:
+    """--watch started before (or with) the trainer: wait until it has written sft_config.yaml."""
+    import time
+
+    started, told = time.time(), False
+    while not (run / "sft_config.yaml").is_file():
+        if max_idle_minutes is not None and time.time() - started > max_idle_minutes * 60:
+            return  # EvalSetup.from_run names what is missing
+        if not told:
+            logger.info("waiting for %s/sft_config.yaml (the training run has not started yet)", run)
+            told = True
+        time.sleep(poll_seconds)
+
+
 def configure_cpu(threads: int | None, nice: int) -> int:
     """Be a good neighbour to a training run: fewer threads, lower priority."""
     if nice:
@@ -68,6 +82,8 @@ def configure_cpu(threads: int | None, nice: int) -> int:
 def eval_main(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
     run = Path(args.run)
+    if args.watch:
+        wait_for_run_start(run, args.poll_seconds, args.max_idle_minutes)
     if not run.is_dir():
         raise FileNotFoundError(f"--run {run}: no such folder (give an hf_sft.py --output_dir)")
     threads = configure_cpu(args.threads, args.nice)

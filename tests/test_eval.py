@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -144,18 +143,16 @@ def test_checkpoint_deleted_while_read_is_skipped(full_run, tmp_path, monkeypatc
 
 def test_watcher_beside_a_running_trainer_evaluates_every_checkpoint(data_dir, tmp_path):
     out = tmp_path / "live"
+    log = open(tmp_path / "trainer.log", "w")  # a file, not a pipe: nobody reads it while the watcher runs
     trainer = subprocess.Popen(_train_cmd(data_dir, out, ["--max_steps", "8", "--save_steps", "2", "--eval_steps", "4",
                                                           "--save_total_limit", "10"]),
-                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "sft_config.yaml").is_file():  # the trainer writes it before the first step
-        assert trainer.poll() is None, trainer.stderr.read()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.2)
+                               cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    # Started together with the trainer: the watcher waits for the run to appear.
     watcher = subprocess.run([sys.executable, "hf_sft_eval.py", *_eval_args(out, "--watch", "--poll_seconds", "0.5",
                                                                            "--max_idle_minutes", "5")],
                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert trainer.wait(timeout=600) == 0, trainer.stderr.read()[-3000:]
+    assert trainer.wait(timeout=600) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+    log.close()
     assert watcher.returncode == 0, watcher.stderr[-3000:]
     assert [r["step"] for r in _metrics(out)] == [0, 2, 4, 6, 8]
     assert not (out / "eval" / "errors.jsonl").exists()
