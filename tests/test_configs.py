@@ -55,8 +55,11 @@ def test_demo_preset_values():
     assert config.method.finetuning_type == "full"
     assert config.training.output_dir == "outputs/demo"
     assert config.training.per_device_train_batch_size == 8
-    assert config.training.max_steps == 80
-    assert config.training.learning_rate == 5e-5
+    assert config.training.max_steps == 50  # ~3 min on a 2-core CPU (docs/BENCHMARKS.md)
+    assert config.training.learning_rate == 1e-4
+    assert config.data.eval_prompts == "data/demo_eval_prompts.jsonl"  # what hf_sft_eval.py scores
+    assert config.data.general_eval == "data/general_eval.jsonl"
+    assert (ROOT / config.data.eval_prompts).is_file() and (ROOT / config.data.general_eval).is_file()
     assert config.training.bf16 is False  # bf16 autocast is ~20x slower on AVX2-only CPUs
 
 
