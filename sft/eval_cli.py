@@ -25,7 +25,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_idle_minutes", type=float, default=None,
                    help="With --watch: give up when no checkpoint appeared for this long (a crashed run).")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the evaluator (default: half the cores, so training keeps the rest).")
+                   help="CPU threads for the evaluator (default: half the cores while the run is training, "
+                        "all of them once it has ended).")
     p.add_argument("--nice", type=int, default=10, help="Scheduling niceness increment (0 disables).")
     p.add_argument("--val_data", help="Validation file (default: the run's --val_data / --val_size).")
     p.add_argument("--num_val", type=int, default=None, help="Use only the first N validation records.")
@@ -67,14 +68,15 @@ def wait_for_run_start(run: Path, poll_seconds: float, max_idle_minutes: float |
         time.sleep(poll_seconds)
 
 
-def configure_cpu(threads: int | None, nice: int) -> int:
-    """Be a good neighbour to a training run: fewer threads, lower priority."""
+def configure_cpu(threads: int | None, nice: int, training_running: bool = True) -> int:
+    """Be a good neighbour to a training run: half the cores and a lower priority while it runs."""
     if nice:
         try:
             os.nice(nice)
         except OSError:
             pass
-    threads = threads or max(1, (os.cpu_count() or 2) // 2)
+    cores = os.cpu_count() or 2
+    threads = threads or (max(1, cores // 2) if training_running else cores)
     torch.set_num_threads(threads)
     return threads
 
@@ -86,7 +88,10 @@ def eval_main(argv: list[str]) -> int:
         wait_for_run_start(run, args.poll_seconds, args.max_idle_minutes)
     if not run.is_dir():
         raise FileNotFoundError(f"--run {run}: no such folder (give an hf_sft.py --output_dir)")
-    threads = configure_cpu(args.threads, args.nice)
+    from .checkpoints import RUN_END_NAME
+
+    training_running = args.watch or not (run / RUN_END_NAME).is_file()
+    threads = configure_cpu(args.threads, args.nice, training_running)
     if args.merge:
         return merge_run(run, args.merge_from, args.merge_output, args.base_model)
 

@@ -219,3 +219,13 @@ def test_full_then_lora_end_to_end_through_hf_sft_and_the_evaluator(data_dir, tm
               if "eval_loss" in r}
     for record in records[1:]:  # each adapter evaluated on the right base gives the trainer's own number
         assert record["eval_loss"] == pytest.approx(logged[record["step"]], rel=1e-4), record["step"]
+
+
+def test_threads_default_to_half_the_cores_while_training_runs(monkeypatch):
+    from sft.eval_cli import configure_cpu
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr("torch.set_num_threads", lambda n: None)
+    assert configure_cpu(None, 0, training_running=True) == 4
+    assert configure_cpu(None, 0, training_running=False) == 8
+    assert configure_cpu(3, 0, training_running=False) == 3
