@@ -11,6 +11,7 @@ Each mode trains in its own subprocess (so peak RSS is its own), alternating whe
                   supervised positions only
     ours_nogroup  ours without length grouping (padding like TRL's)
     ours_gc       ours with --gradient_checkpointing (TRL's SFTConfig turns it on by default)
+    ours_tokens   ours with --batch_tokens 2048 (length-grouped batches of ~equal tokens, ~8 samples on average)
     ours_pack     ours with --packing (one row of up to batch x max_length tokens per step)
 
 Measured the same way for every mode: the collator's batches give computed / real (non-pad) /
@@ -33,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-MODES = ("trl", "ours", "ours_gc", "ours_nogroup", "ours_pack")
+MODES = ("trl", "ours", "ours_gc", "ours_tokens", "ours_nogroup", "ours_pack")
 HELDOUT = 64
 
 
@@ -61,7 +62,7 @@ class Meter:
     """Per-batch token counts (from the collator) and per-step forward start times (from a hook)."""
 
     def __init__(self):
-        self.batches: list[tuple[int, int, int]] = []  # (computed, real, supervised)
+        self.batches: list[tuple[int, int, int, int]] = []  # (computed, real, supervised, rows)
         self.forwards: list[float] = []
         self.active = True
 
@@ -71,7 +72,7 @@ class Meter:
             mask = batch.get("attention_mask")
             real = int(mask.sum()) if mask is not None else ids.numel()
             supervised = int((labels[:, 1:] != -100).sum()) if labels is not None else 0
-            self.batches.append((ids.numel(), real, supervised))
+            self.batches.append((ids.numel(), real, supervised, ids.shape[0]))
         return batch
 
     def hook(self, model) -> None:
@@ -86,12 +87,12 @@ class Meter:
             raise SystemExit(f"only {steps} steps ran; use --steps >= {first_timed + 2}")
         seconds = self.forwards[-1] - self.forwards[first_timed - 1]
         timed = self.batches[first_timed - 1:steps - 1]
-        computed, real, supervised = (sum(b[i] for b in timed) for i in range(3))
+        computed, real, supervised, rows = (sum(b[i] for b in timed) for i in range(4))
         return {"timed_steps": len(timed), "seconds": round(seconds, 2),
                 "real_tokens_per_s": round(real / seconds, 1), "supervised_tokens_per_s": round(supervised / seconds, 1),
                 "computed_tokens_per_s": round(computed / seconds, 1),
                 "padding_fraction": round(1 - real / computed, 4) if computed else 0.0,
-                "seconds_per_step": round(seconds / len(timed), 2)}
+                "seconds_per_step": round(seconds / len(timed), 2), "rows_per_step": round(rows / len(timed), 1)}
 
 
 def heldout_loss(model, tokenizer, path: Path) -> float:
@@ -187,6 +188,8 @@ def train_ours(args, meter: Meter):
              "--group_by_length", str(args.child != "ours_nogroup").lower(),
              "--packing", str(args.child == "ours_pack").lower(), "--shuffle_buffer", "1000",
              "--gradient_checkpointing", str(args.child == "ours_gc").lower()]
+    if args.child == "ours_tokens":
+        flags += ["--batch_tokens", "2048"]
     for key, value in _common_training_kwargs(args).items():
         if key in ("report_to", "bf16"):
             continue

@@ -67,6 +67,10 @@ class DataArguments:
     packing: bool = field(default=False, metadata={"help": "Pack several samples per row (padding-free)."})
     group_by_length: bool = field(default=True, metadata={"help": "Group similar lengths into batches (less padding)."})
     shuffle_buffer: int = field(default=1000, metadata={"help": "Samples in the streaming shuffle buffer."})
+    batch_tokens: int | None = field(
+        default=None, metadata={"help": "With --group_by_length: fill each micro-batch up to this many padded tokens "
+                                        "instead of a fixed sample count (every token weighs the same in the loss)."}
+    )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
     preview: int = field(default=0, metadata={"help": "Print N encoded samples with trained tokens marked, then exit."})
     early_stopping_patience: int = field(
@@ -88,6 +92,10 @@ class DataArguments:
             out.append(f"--max_length {self.max_length}: must be at least 16")
         if self.val_size < 0:
             out.append(f"--val_size {self.val_size}: must be >= 0")
+        if self.batch_tokens is not None and (self.batch_tokens < self.max_length or self.packing
+                                              or not self.group_by_length):
+            out.append(f"--batch_tokens {self.batch_tokens}: needs --group_by_length true, no --packing, and at "
+                       f"least --max_length ({self.max_length}) tokens")
         if self.train_on_prompt and self.last_turn_only:
             out.append("--train_on_prompt and --last_turn_only cannot be combined")
         return out

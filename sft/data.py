@@ -125,6 +125,7 @@ class StreamOptions:
     pad_to_multiple_of: int | None = None
     seed: int = 42
     skip_first: int = 0  # records of the first source held out for validation (--val_size)
+    batch_tokens: int | None = None  # with group_by_length: padded tokens per micro-batch instead of batch_size
 
 
 @dataclass
@@ -370,7 +371,8 @@ def plan_batches(samples: list[dict], options: StreamOptions, rng: random.Random
     """Split one cycle's samples into micro-batches.
 
     Padded: shuffle, then (group_by_length) a stable sort by length so each batch holds similar
-    lengths, then shuffle the batch order. Packed: first-fit-decreasing into rows of at most
+    lengths (batch_size samples each, or with batch_tokens as many as fit that many padded tokens),
+    then shuffle the batch order. Packed: first-fit-decreasing into rows of at most
     batch_size * max_length tokens (one padding-free row per micro-batch), rows shuffled.
     """
     if options.packing:
@@ -380,8 +382,34 @@ def plan_batches(samples: list[dict], options: StreamOptions, rng: random.Random
         rng.shuffle(order)
         if options.group_by_length:
             order.sort(key=lambda s: len(s["input_ids"]))  # stable: ties keep the shuffled order
-        batches = [order[i:i + options.batch_size] for i in range(0, len(order), options.batch_size)]
+        if options.group_by_length and options.batch_tokens:
+            batches = token_budget_batches(order, options.batch_tokens)
+        else:
+            batches = [order[i:i + options.batch_size] for i in range(0, len(order), options.batch_size)]
     rng.shuffle(batches)
+    return batches
+
+
+def token_budget_batches(ordered: list[dict], budget: int) -> list[list[dict]]:
+    """Cut length-sorted samples into batches of at most `budget` padded tokens (count x longest).
+
+    Every step then carries about the same number of tokens, so with the per-step token mean each token
+    weighs the same in the loss whatever the length of its sample (fixed-size batches of short samples
+    would give their tokens several times the weight of tokens in batches of long ones). A sample longer
+    than the budget gets a batch of its own.
+    """
+    batches: list[list[dict]] = []
+    current: list[dict] = []
+    longest = 0
+    for sample in ordered:
+        size = len(sample["input_ids"])
+        if current and (len(current) + 1) * max(longest, size) > budget:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(sample)
+        longest = max(longest, size)
+    if current:
+        batches.append(current)
     return batches
 
 

@@ -68,6 +68,7 @@ def stream_options_for(config: SFTConfig) -> StreamOptions:
         pad_to_multiple_of=config.data.pad_to_multiple_of,
         seed=config.training.seed,
         skip_first=config.data.val_size if not config.data.val_data else 0,
+        batch_tokens=config.data.batch_tokens,
     )
 
 
