@@ -69,7 +69,9 @@ class DataArguments:
     shuffle_buffer: int = field(default=1000, metadata={"help": "Samples in the streaming shuffle buffer."})
     batch_tokens: int | None = field(
         default=None, metadata={"help": "With --group_by_length: fill each micro-batch up to this many padded tokens "
-                                        "instead of a fixed sample count (every token weighs the same in the loss)."}
+                                        "instead of a fixed sample count (every token weighs the same in the loss); "
+                                        "--per_device_train_batch_size then only sizes the --num_train_epochs "
+                                        "step estimate."}
     )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batch length to a multiple of this."})
     preview: int = field(default=0, metadata={"help": "Print N encoded samples with trained tokens marked, then exit."})
