@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     packed = list(pack_by_tokens(iter(samples), budget))
     packed_positions = sum(pack_collate(b)["input_ids"].numel() for b in packed)
 
-    print(f"\n| mode | batches | padding fraction | positions computed / real tokens |")
+    print("\n| mode | batches | padding fraction | positions computed / real tokens |")
     print("|---|---:|---:|---:|")
     for name, batches in (("none (stream order)", none), (f"grouped (buffer {args.buffer_size})", grouped)):
         frac, positions = padded_fraction(batches, tokenizer)

@@ -52,15 +52,14 @@ def ours(lines: list[str], processes: int) -> float:
 
 
 def trl(lines: list[str], processes: int) -> float:
-    from datasets import Dataset, disable_caching
+    from bench_vs_trl import trl_dataset
+    from datasets import disable_caching
     from trl import SFTConfig, SFTTrainer
 
     from sft.models import load_model, load_tokenizer
 
     disable_caching()
-    rows = [json.loads(line) for line in lines]
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["input"]}],
-                                  "completion": [{"role": "assistant", "content": r["target"]}]} for r in rows])
+    dataset = trl_dataset(lines)
     tokenizer, model = load_tokenizer("smollm2-135m-instruct"), load_model("smollm2-135m-instruct")
     config = SFTConfig(output_dir="/tmp/bench_tokenize_trl", max_length=512, dataset_num_proc=processes,
                        report_to=[], use_cpu=True, max_steps=1)

@@ -97,21 +97,14 @@ class Meter:
 
 def heldout_loss(model, tokenizer, path: Path) -> float:
     """Token-weighted loss on the held-out records with the training masking (same for every mode)."""
-    import torch
-
     from sft.data import StreamOptions, build_eval_batches, read_conversations
     from sft.encoding import EncodeOptions
-    from sft.loss import loss_model_kwargs, make_loss_func
+    from sft.evaluator import masked_loss_sum
 
     model.eval()
     batches = build_eval_batches(list(read_conversations(str(path))), tokenizer, EncodeOptions(max_length=512),
                                  StreamOptions(batch_size=8))
-    loss_sum, total, count = make_loss_func(model), 0.0, 0
-    with torch.inference_mode():
-        for batch in batches:
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **loss_model_kwargs())
-            total += float(loss_sum(outputs, batch["labels"], num_items_in_batch=1))
-            count += int((batch["labels"][:, 1:] != -100).sum())
+    total, count = masked_loss_sum(model, batches)
     return round(total / count, 4)
 
 
@@ -143,15 +136,21 @@ def _common_training_kwargs(args) -> dict:
                 bf16=args.precision == "bf16", disable_tqdm=True)
 
 
-def train_trl(args, meter: Meter):
+def trl_dataset(lines: list[str]):
+    """Firefly records -> TRL's conversational prompt/completion dataset (chat template, completion-only loss)."""
     from datasets import Dataset
+
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["input"]}],
+                               "completion": [{"role": "assistant", "content": r["target"]}]} for r in rows])
+
+
+def train_trl(args, meter: Meter):
     from trl import SFTConfig, SFTTrainer
 
     from sft.models import load_model, load_tokenizer
 
-    rows = [json.loads(line) for line in open(args.data, encoding="utf-8")]
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["input"]}],
-                                  "completion": [{"role": "assistant", "content": r["target"]}]} for r in rows])
+    dataset = trl_dataset(Path(args.data).read_text(encoding="utf-8").splitlines())
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     model = load_model("smollm2-135m-instruct", dtype="float32")
     config = SFTConfig(output_dir=args.out, max_length=512, **_common_training_kwargs(args))

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from sft.plots import loss_series, read_train_log  # noqa: E402
 RUNS = {  # name -> extra hf_sft.py flags
     "full": ["--finetuning_type", "full", "--learning_rate", "5e-5"],
     "lora": ["--finetuning_type", "lora", "--learning_rate", "2e-4"],
@@ -37,13 +39,7 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def train_losses(out: Path, key: str) -> tuple[list[int], list[float]]:
-    points = {}
-    for line in (out / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if key in record:
-            points[record["step"]] = record[key]
-    steps = sorted(points)
-    return steps, [points[s] for s in steps]
+    return loss_series(read_train_log(out / "train_log.jsonl"), key)
 
 
 def main() -> None:

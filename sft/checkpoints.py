@@ -32,14 +32,19 @@ RUN_END_NAME = "run_end.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file + rename: a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, ensure_ascii=False)
+        f.write(text)
         f.flush()
-        os.fsync(f.fileno())  # the marker must not reach the disk before its content
+        os.fsync(f.fileno())  # a marker must not reach the disk before its content
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, ensure_ascii=False))
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
@@ -60,13 +65,16 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 
 def write_run_end(output_dir: str | os.PathLike, status: str, message: str = "",
-                  final_model: str | os.PathLike | None = None) -> None:
-    """Mark the run as over (finished / stopped / failed) for a watching evaluator; written last."""
+                  final_model: str | os.PathLike | None = None, global_step: int | None = None) -> None:
+    """Mark the run as over (finished / stopped / failed) for a watching evaluator; written last.
+
+    final_model and global_step say which model output_dir itself holds, and at which step.
+    """
     latest = latest_complete_checkpoint(output_dir)
     write_json_atomic(Path(output_dir) / RUN_END_NAME, {
         "status": status, "message": message, "time": round(time.time(), 3),
         "last_checkpoint": os.path.basename(latest) if latest else None,
-        "final_model": str(final_model) if final_model else None,
+        "final_model": str(final_model) if final_model else None, "global_step": global_step,
     })
 
 

@@ -57,12 +57,9 @@ def parse_sources(specs: list[str], fmt: str = "auto") -> list[Source]:
     """`["a.jsonl", "b.jsonl:0.3"]` -> Sources. A weight is given for all files or for none."""
     sources = []
     for spec in specs:
-        path, weight = spec, None
-        head, sep, tail = spec.rpartition(":")
-        if sep and head and _is_number(tail):
-            path, weight = head, float(tail)
-            if weight <= 0:
-                raise ValueError(f"--data {spec}: the mixing weight must be > 0")
+        path, weight = split_weight(spec)
+        if weight is not None and weight <= 0:
+            raise ValueError(f"--data {spec}: the mixing weight must be > 0")
         if not os.path.exists(path) and not looks_like_hub_id(path):
             raise FileNotFoundError(f"--data {spec}: file {path} not found")
         sources.append(Source(path=path, weight=weight, fmt=fmt))
@@ -70,6 +67,14 @@ def parse_sources(specs: list[str], fmt: str = "auto") -> list[Source]:
     if any(weighted) and not all(weighted):
         raise ValueError("--data: give a :WEIGHT for every file or for none (e.g. a.jsonl:0.8 b.jsonl:0.2)")
     return sources
+
+
+def split_weight(spec: str) -> tuple[str, float | None]:
+    """`"b.jsonl:0.3"` -> ("b.jsonl", 0.3); a spec without a numeric :WEIGHT -> (spec, None)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and _is_number(tail):
+        return head, float(tail)
+    return spec, None
 
 
 def _is_number(text: str) -> bool:

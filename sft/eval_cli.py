@@ -128,13 +128,14 @@ def merge_run(run: Path, merge_from: str | None, output: str | None, base_model:
     """Fold the run's adapter into its base and save a plain model (+ tokenizer) loadable by AutoModelForCausalLM."""
     from .checkpoints import latest_complete_checkpoint
     from .generation import is_adapter_dir, load_for_inference
+    from .methods import is_peft_model
 
     source = merge_from or (str(run) if is_adapter_dir(run) else latest_complete_checkpoint(run))
     if source is None or not is_adapter_dir(source):
         raise ValueError(f"--merge: {source or run} holds no LoRA adapter (adapter_config.json); only LoRA-family "
                          "runs (lora, dora, qlora, full_then_lora) can be merged. Full runs are already plain weights.")
     model, tokenizer = load_for_inference(source, base_model=base_model, merge=True)
-    if type(model).__name__.startswith("Peft"):
+    if is_peft_model(model):  # merge_and_unload left the wrapper on: nothing to fold
         raise ValueError(f"--merge: the adapter in {source} cannot be merged (prompt tuning has no weights to fold)")
     target = Path(output or run / "merged")
     tmp = target.with_name(f".{target.name}.tmp")

@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from .plots import loss_series, read_train_log
+from .checkpoints import write_text_atomic
+from .plots import loss_series, read_train_log, save_figure
 
 REPORT_NAME = "report.md"
 LOSS_PNG = "loss.png"
@@ -35,10 +35,9 @@ def best_record(records: list[dict]) -> dict | None:
     return max(records, key=lambda r: r.get("rouge-l", -1))
 
 
-def train_loss_at(train_log: list[dict], step: int) -> float | None:
-    """The last logged training loss at or before `step`."""
-    steps, values = loss_series(train_log, "loss")
-    before = [v for s, v in zip(steps, values) if s <= step]
+def train_loss_at(loss_steps: tuple[list[int], list[float]], step: int) -> float | None:
+    """The last logged training loss at or before `step`, from loss_series(train_log, "loss")."""
+    before = [v for s, v in zip(*loss_steps) if s <= step]
     return before[-1] if before else None
 
 
@@ -66,7 +65,7 @@ def write_report(setup) -> Path:
     records = read_metrics(eval_dir)
     best = best_record([r for r in records if r["step"] != 0]) or best_record(records)
     log_path = setup.run_dir / "train_log.jsonl"
-    train_log = read_train_log(log_path) if log_path.is_file() else []
+    train_losses = loss_series(read_train_log(log_path) if log_path.is_file() else [], "loss")
     columns = _columns(records)
     lines = [f"# Evaluation of `{setup.run_dir}`", ""]
     lines += [f"- base model: `{setup.base_model}`; template `{setup.encode.template}`"
@@ -83,7 +82,7 @@ def write_report(setup) -> Path:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         mark = " ★" if best is not None and r["step"] == best["step"] else ""
-        row = [str(r["step"]), f"{r['checkpoint']}{mark}", _cell(train_loss_at(train_log, r["step"]) if r["step"] else None)]
+        row = [str(r["step"]), f"{r['checkpoint']}{mark}", _cell(train_loss_at(train_losses, r["step"]) if r["step"] else None)]
         row += [_cell(r.get(key), signed=key.endswith("_delta")) for key, _ in columns]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -91,7 +90,7 @@ def write_report(setup) -> Path:
         lines += _examples(eval_dir, best)
     lines += ["Plots: `loss.png` (train and validation loss), `metrics.png` (scores against step).", ""]
     target = eval_dir / REPORT_NAME
-    _write_text(target, "\n".join(lines))
+    write_text_atomic(target, "\n".join(lines))
     return target
 
 
@@ -133,12 +132,6 @@ def _predictions(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _write_text(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
-
-
 # ------------------------------------------------------------------------------------------ plots
 
 
@@ -167,7 +160,7 @@ def plot_eval(setup) -> list[Path]:
     ax.grid(alpha=0.3)
     if steps or evaluated:
         ax.legend()
-    written.append(_save(fig, plt, setup.eval_dir / LOSS_PNG))
+    written.append(save_figure(fig, setup.eval_dir / LOSS_PNG))
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     keys = ["pass_rate"] + sorted({k for r in records for k in r if k.startswith("pass_rate/")})
@@ -187,14 +180,5 @@ def plot_eval(setup) -> list[Path]:
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=8, loc="best")
-    written.append(_save(fig, plt, setup.eval_dir / METRICS_PNG))
+    written.append(save_figure(fig, setup.eval_dir / METRICS_PNG))
     return written
-
-
-def _save(fig, plt, target: Path) -> Path:
-    fig.tight_layout()
-    tmp = target.with_name(target.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, target)
-    return target

@@ -21,14 +21,14 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from .checkpoints import CHECKPOINT_RE, COMPLETE_MARKER, RUN_END_NAME
+from .checkpoints import CHECKPOINT_RE, COMPLETE_MARKER, RUN_END_NAME, write_text_atomic
 from .conversation import Conversation
-from .data import StreamOptions, build_eval_batches, read_conversations
+from .data import StreamOptions, build_eval_batches, read_conversations, split_weight
 from .encoding import EncodeOptions
-from .generation import (Generated, GenerationOptions, adapter_base, conversation_from_prompt, generate_answers,
-                         is_adapter_dir, prompt_ids)
+from .generation import (Generated, GenerationOptions, generate_answers, is_adapter_dir, load_for_inference,
+                         prompt_ids, read_prompt_records)
 from .loss import loss_model_kwargs, make_loss_func
-from .models import load_model, load_tokenizer
+from .models import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class EvalSetup:
         if val_file:
             val = list(read_conversations(_resolve(val_file, run)))
         elif val_size and data:
-            first = str(data[0]).rsplit(":", 1)[0] if _has_weight(str(data[0])) else str(data[0])
+            first = split_weight(str(data[0]))[0]
             val = list(read_conversations(_resolve(first, run), limit=val_size))
             val_file = f"{first} (first {val_size} records)"
         else:
@@ -111,11 +111,6 @@ class EvalSetup:
                             "general": general_file})
 
 
-def _has_weight(spec: str) -> bool:
-    head, _, tail = spec.rpartition(":")
-    return bool(head) and tail.replace(".", "", 1).isdigit()
-
-
 def _resolve(path: str, run: Path) -> str:
     """Paths in sft_config.yaml are relative to where training ran: try there, then the run's parent folders."""
     if os.path.exists(path) or os.path.isabs(path):
@@ -131,21 +126,12 @@ def read_prompt_items(path: str, default_kind: str = "prompt") -> list[PromptIte
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path} not found")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg}); one JSON object per line expected") from None
-            conv, reference = conversation_from_prompt(record, where)
-            check = record.get("check") if isinstance(record, dict) else None
-            if check is not None and not isinstance(check, dict):
-                raise ValueError(f"{where}: \"check\" must be an object such as {{\"contains\": [\"Paris\"]}}")
-            items.append(PromptItem(str(record.get("id", f"{os.path.basename(path)}:{line_no}")), conv, reference,
-                                    check, str(record.get("kind", default_kind))))
+    for where, record, conv, reference in read_prompt_records(path):
+        check = record.get("check")
+        if check is not None and not isinstance(check, dict):
+            raise ValueError(f"{where}: \"check\" must be an object such as {{\"contains\": [\"Paris\"]}}")
+        items.append(PromptItem(str(record.get("id", os.path.basename(where))), conv, reference, check,
+                                str(record.get("kind", default_kind))))
     return items
 
 
@@ -186,19 +172,10 @@ def run_end(run_dir: Path) -> dict | None:
 
 
 def final_target(run_dir: Path, end: dict | None) -> Target | None:
-    """The run's final model when no checkpoint has its step (e.g. save_steps did not divide max_steps)."""
-    if not end or not end.get("final_model"):
+    """The run's final model (in run_dir itself), at the step run_end.json records."""
+    if not end or not end.get("final_model") or end.get("global_step") is None:
         return None
-    state = run_dir / "trainer_state.json"
-    step = None
-    if state.is_file():
-        step = json.loads(state.read_text(encoding="utf-8")).get("global_step")
-    last = end.get("last_checkpoint")
-    if step is None and last:
-        step = int(last.rsplit("-", 1)[1])
-    if step is None:
-        return None
-    return Target(int(step), str(run_dir), "final")
+    return Target(int(end["global_step"]), str(run_dir), "final")
 
 
 def read_done(eval_dir: Path) -> dict[int, dict]:
@@ -233,17 +210,13 @@ class ModelCache:
         self.base = None
 
     def load(self, path: str, base_model: str):
-        """(model, tokenizer, kind) for a full checkpoint, an adapter checkpoint, or a model name."""
-        if is_adapter_dir(path):
-            from peft import PeftModel
+        """(model, tokenizer, kind) for a full checkpoint, an adapter checkpoint, or a model name.
 
-            base_path = adapter_base(path, None if _adapter_names_base(path) else base_model)
-            base = self._base(base_path)
-            model = PeftModel.from_pretrained(base, path, is_trainable=False)
-            tokenizer = load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file() else base_path)
-            return model.eval(), tokenizer, "adapter"
-        model = load_model(path, dtype="float32")
-        return model.eval(), load_tokenizer(path), "full"
+        An adapter goes on the base it names (full_then_lora: `full_phase/`), else on the run's model.
+        """
+        kind = "adapter" if is_adapter_dir(path) else "full"
+        model, tokenizer = load_for_inference(path, fallback_base=base_model, load_base=self._base)
+        return model, tokenizer, kind
 
     def release(self, model) -> None:
         """Strip a PEFT wrapper off the cached base (the base weights are unchanged by LoRA)."""
@@ -256,29 +229,29 @@ class ModelCache:
         return self.base
 
 
-def _adapter_names_base(path: str) -> bool:
-    config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
-    return bool(config.get("base_model_name_or_path"))
-
-
 # ------------------------------------------------------------------------------------- scoring
 
 
-@torch.inference_mode()
+def masked_loss_sum(model, batches: list[dict]) -> tuple[float, int]:
+    """(summed cross-entropy, supervised tokens) over padded batches, with the training loss code (sft.loss)."""
+    loss_sum = make_loss_func(model)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            labels = batch["labels"]
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                            **loss_model_kwargs())
+            total += float(loss_sum(outputs, labels, num_items_in_batch=1))  # denominator 1: a sum
+            count += int((labels[:, 1:] != -100).sum())
+    return total, count
+
+
 def validation_loss(model, tokenizer, setup: EvalSetup) -> dict[str, float]:
-    """Token-weighted mean loss over the validation set with the training masking (sft.loss)."""
+    """Token-weighted mean loss over the validation set with the training encoding and masking."""
     if not setup.val:
         return {}
     batches = build_eval_batches(setup.val, tokenizer, setup.encode, StreamOptions(batch_size=setup.eval_batch_size))
-    loss_sum = make_loss_func(model)
-    total, count = 0.0, 0
-    for batch in batches:
-        labels = batch["labels"]
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                        **loss_model_kwargs())
-        n = int((labels[:, 1:] != -100).sum())
-        total += float(loss_sum(outputs, labels, num_items_in_batch=1))  # denominator 1: a sum
-        count += n
+    total, count = masked_loss_sum(model, batches)
     if count == 0:
         return {}
     loss = total / count
@@ -335,11 +308,7 @@ def evaluate_target(target: Target, setup: EvalSetup, cache: ModelCache) -> dict
 
 
 def _write_predictions(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ----------------------------------------------------------------------------------------- loop
@@ -371,9 +340,8 @@ def evaluate_run(setup: EvalSetup, watch: bool = False, on_record: Callable[[dic
             record = _evaluate_or_skip(target, setup, cache, skipped)
             if record is None:
                 continue
-            if "step" in record and target.step != BASE_STEP:
-                base = done.get(BASE_STEP) or next((r for r in new if r["step"] == BASE_STEP), None)
-                record.update(forgetting_delta(record, base))
+            if target.step != BASE_STEP:
+                record.update(forgetting_delta(record, done.get(BASE_STEP)))
             append_jsonl(setup.eval_dir / METRICS_NAME, record)
             new.append(record)
             done[target.step] = record
@@ -383,7 +351,7 @@ def evaluate_run(setup: EvalSetup, watch: bool = False, on_record: Callable[[dic
                 on_record(record)
         if pending:
             idle_since = time.time()
-        if not watch or (ended and not pending_targets(setup, read_done(setup.eval_dir), skipped)):
+        if not watch or (ended and not pending_targets(setup, done, skipped)):
             return new
         if max_idle_seconds is not None and time.time() - idle_since > max_idle_seconds:
             logger.warning("no new checkpoint for %.0fs and the run has not ended: stopping the watch", max_idle_seconds)

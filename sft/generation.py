@@ -16,12 +16,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .chat_templates import TURN_END_TOKENS
-from .conversation import Conversation, Message
-from .models import load_model, load_tokenizer, resolve_model_path
+from .conversation import PLAIN_TEXT, Conversation, Message
+from .models import load_model, load_tokenizer
 from .template import render_segments
 from .encoding import tokenize_segments
 
@@ -51,15 +52,16 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def adapter_base(adapter_dir: str | os.PathLike, base_override: str | None = None) -> str:
-    """The base model an adapter was trained on: --base_model, else adapter_config's base_model_name_or_path.
+def adapter_base(adapter_dir: str | os.PathLike, base_override: str | None = None,
+                 fallback: str | None = None) -> str:
+    """The base model of an adapter: base_override, else adapter_config's base_model_name_or_path, else fallback.
 
     A relative or moved base (e.g. full_then_lora's `full_phase/`) is also looked for beside the run.
     """
     if base_override:
         return base_override
     config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    base = config.get("base_model_name_or_path") or ""
+    base = config.get("base_model_name_or_path") or fallback or ""
     if not base:
         raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG} does not name its base model; pass --base_model PATH")
     if os.path.isdir(base) or not base.startswith(("/", ".")):
@@ -72,17 +74,21 @@ def adapter_base(adapter_dir: str | os.PathLike, base_override: str | None = Non
 
 
 def load_for_inference(path: str, base_model: str | None = None, dtype: str = "float32",
-                       merge: bool = False, device: str = "cpu"):
+                       merge: bool = False, device: str = "cpu", fallback_base: str | None = None,
+                       load_base: Callable[[str], Any] | None = None):
     """(model, tokenizer) for a model folder, built-in name, hub id, or an adapter folder on its base.
 
     merge=True folds a LoRA adapter into the base weights (faster generation, plain model returned).
     The tokenizer comes from `path` when it has one (checkpoints carry the chat template), else the base.
+    fallback_base: the base when the adapter names none. load_base(path) -> model lets a caller reuse
+    one base for many adapters (the evaluator's cache); default: load it fresh.
     """
     if is_adapter_dir(path):
         from peft import PeftModel
 
-        base = adapter_base(path, base_model)
-        model = PeftModel.from_pretrained(load_model(base, dtype=dtype), path)
+        base = adapter_base(path, base_model, fallback_base)
+        base_weights = load_base(base) if load_base else load_model(base, dtype=dtype)
+        model = PeftModel.from_pretrained(base_weights, path, is_trainable=False)
         if merge:
             model = model.merge_and_unload()
         tokenizer = load_tokenizer(path if _has_tokenizer(path) else base)
@@ -190,6 +196,26 @@ def conversation_from_prompt(record: dict, where: str) -> tuple[Conversation, st
     return conv, None
 
 
-def model_display_name(path: str) -> str:
-    resolved = resolve_model_path(path)
-    return path if resolved == path else f"{path} ({resolved})"
+def read_prompt_records(path: str) -> Iterator[tuple[str, dict, Conversation, str | None]]:
+    """(where, record, conversation to answer, reference) for each non-blank line of a prompts file.
+
+    A bad line raises ValueError naming `file:line` and the expected shape.
+    """
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); expected one object "
+                                 'a line like {"prompt": "..."}') from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: a JSON {type(record).__name__}, expected an object like "
+                                 '{"prompt": "..."}')
+            conv, reference = conversation_from_prompt(record, where)
+            if not conv.messages or conv.meta.get(PLAIN_TEXT):
+                raise ValueError(f"{where}: the record has no turn to answer; expected {{\"prompt\": \"...\"}} "
+                                 "or a conversation with a user turn")
+            yield where, record, conv, reference

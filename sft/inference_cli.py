@@ -28,8 +28,8 @@ from typing import Any, Iterable, Iterator, TextIO
 import torch
 
 from .conversation import PLAIN_TEXT, Conversation, Message
-from .generation import (GenerationOptions, Generated, decode_generated, conversation_from_prompt, generate_answers,
-                         load_for_inference, prompt_ids, stop_token_ids)
+from .generation import (GenerationOptions, Generated, decode_generated, generate_answers, load_for_inference,
+                         prompt_ids, read_prompt_records, stop_token_ids)
 from .template import TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -240,41 +240,25 @@ def read_batch_input(path: str) -> list[BatchItem]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--input {path} does not exist; pass a JSONL file of {{\"prompt\": ...}} lines")
     items: list[BatchItem] = []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if text.strip():
-                items.append(_batch_item(text, f"{path}:{number}", len(items)))
+    for where, record, conv, reference in read_prompt_records(path):
+        items.append(_batch_item(where, record, conv, reference, len(items)))
     return items
 
 
-def _batch_item(text: str, where: str, index: int) -> BatchItem:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); expected one object a line "
-                         'like {"prompt": "..."}') from err
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: a JSON {type(record).__name__}, expected an object like {{\"prompt\": \"...\"}}")
-    conv, reference = conversation_from_prompt(record, where)
-    if not conv.messages or conv.meta.get(PLAIN_TEXT):
-        raise ValueError(f"{where}: the record has no turn to answer; expected {{\"prompt\": \"...\"}} "
-                         "or a conversation with a user turn")
+def _batch_item(where: str, record: dict, conv: Conversation, reference: str | None, index: int) -> BatchItem:
     prompt = next((m.content for m in reversed(conv.messages) if m.role == "user"), conv.messages[-1].content)
     fields: dict[str, Any] = {"index": index, "id": record.get("id"), "prompt": prompt}
     if reference is not None:
         fields["reference"] = reference
-    fields.update((k, v) for k, v in _passthrough(record).items() if k not in OUTPUT_KEYS)
+    fields.update((k, v) for k, v in _passthrough(record, conv).items() if k not in OUTPUT_KEYS)
     return BatchItem(where, conv, fields)
 
 
-def _passthrough(record: dict) -> dict:
+def _passthrough(record: dict, conv: Conversation) -> dict:
+    """Fields of the input record that are not part of the prompt: copied to the output line."""
     if isinstance(record.get("prompt"), str) and "completion" not in record:
         return {k: v for k, v in record.items() if k not in PROMPT_KEYS}
-    from .formats import detect_format, to_conversation
-
-    # conversation_from_prompt drops the meta (the format's unused keys) when it cuts the reference off.
-    meta = to_conversation(record, detect_format(record)).meta
-    return {k: v for k, v in meta.items() if k != PLAIN_TEXT}
+    return {k: v for k, v in conv.meta.items() if k != PLAIN_TEXT}
 
 
 def finished_prefix(output: str, items: list[BatchItem]) -> int:

@@ -65,10 +65,17 @@ def plot_losses(train_log_path: str | os.PathLike, png_path: str | os.PathLike) 
     ax.set_ylabel("loss")
     ax.set_title(f"{Path(train_log_path).parent.name}: loss")
     ax.grid(alpha=0.3)
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig, png_path: str | os.PathLike) -> Path:
+    """Lay out, write atomically (a viewer never opens a half-written image) and close a figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     target = Path(png_path)
     tmp = target.with_name(target.name + ".tmp")
     fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, target)  # a viewer never opens a half-written image
+    os.replace(tmp, target)
     return target

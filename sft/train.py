@@ -179,6 +179,7 @@ def run_training(config: SFTConfig) -> int:
                              if config.data.log_sample_ids else None, args.gradient_accumulation_steps)
     collate = training_collator(stats, sample_log)
     runs: list = []
+    trainers: list = []  # one per phase (full_then_lora has two)
 
     def make_trainer(model_, args_):
         trainer = Trainer(model=model_, args=args_, train_dataset=stream, eval_dataset=eval_batches or None,
@@ -189,6 +190,7 @@ def run_training(config: SFTConfig) -> int:
             early_stopping_patience=config.data.early_stopping_patience,
             tensorboard="tensorboard" in (args_.report_to or [])))
         trainer.add_callback(sample_log)
+        trainers.append(trainer)
         if os.environ.get("SFT_FAULT_KILL_AFTER_SAVE"):
             trainer.add_callback(KillAfterSave(int(os.environ["SFT_FAULT_KILL_AFTER_SAVE"])))
         return trainer
@@ -200,15 +202,8 @@ def run_training(config: SFTConfig) -> int:
     try:
         if config.method.finetuning_type == "full_then_lora":
             # Phase 2 must continue the stream where phase 1 stopped, not restart it.
-            def before_lora_phase(checkpoint: str) -> None:
-                stream.load_state(load_data_state(checkpoint, rank))
-                # Phase 1's DataLoader had already fetched its next batch (prefetch); phase 2 reads it
-                # again from the restored position, so the untrained copy must leave the per-step logs.
-                stats.clear()
-                sample_log.discard_pending()
-
             model = run_full_then_lora(make_trainer, model, tokenizer, config.method, args, resume,
-                                       before_lora_phase=before_lora_phase)
+                                       before_lora_phase=lambda ckpt: stream.load_state(load_data_state(ckpt, rank)))
         else:
             make_trainer(model, args).train(resume_from_checkpoint=resume)
         for run in runs:
@@ -228,7 +223,7 @@ def run_training(config: SFTConfig) -> int:
         _write_summary(t.output_dir, stream)
         final = stopped is None or "early stopping" in stopped
         write_run_end(t.output_dir, "finished" if final else "stopped", stopped or "",
-                         final_model=t.output_dir if final else None)
+                      final_model=t.output_dir if final else None, global_step=trainers[-1].state.global_step)
         logger.info("Finished: %s; data: %s; %s", t.output_dir, stream.counters, stream.encode_stats.summary())
     return 0
 
@@ -291,8 +286,11 @@ class SampleIdLog(TrainerCallback):
         if self.path:
             self.pending.append(ids)
 
-    def discard_pending(self) -> None:
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A new train() call (full_then_lora's phase 2) starts a new DataLoader: ids the previous one
+        # had prefetched were never trained, and the restored stream reads those samples again.
         self.pending = []
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.path:

@@ -19,7 +19,8 @@ import torch
 
 from sft import inference_cli
 from sft.conversation import Conversation, Message
-from sft.generation import GenerationOptions, Generated, generate_answers, load_for_inference, prompt_ids
+from sft.generation import (GenerationOptions, Generated, conversation_from_prompt, generate_answers, load_for_inference,
+                            prompt_ids)
 from sft.inference_cli import ChatSession, batch_main, chat_prompt, run_chat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def full_run(model_dir, loaded, tmp_path_factory):
 
 def _direct_answers(loaded, records: list, batch_size: int) -> list[Generated]:
     model, tokenizer = loaded
-    convs = [inference_cli.conversation_from_prompt(r, "test")[0] for r in records]
+    convs = [conversation_from_prompt(r, "test")[0] for r in records]
     prompts = [prompt_ids(c, tokenizer) for c in convs]
     return generate_answers(model, tokenizer, prompts, GenerationOptions(max_new_tokens=NEW, batch_size=batch_size))
 
@@ -125,7 +126,7 @@ def test_batch_resumes_after_a_torn_write_without_redoing_lines(full_run, model_
     assert out.read_text(encoding="utf-8") == text
     assert "the last line is incomplete" in caplog.text
     assert "3 answered, 2 skipped as already done" in capsys.readouterr().out
-    expected = [prompt_ids(inference_cli.conversation_from_prompt(r, "t")[0], loaded[1]) for r in PROMPTS[2:]]
+    expected = [prompt_ids(conversation_from_prompt(r, "t")[0], loaded[1]) for r in PROMPTS[2:]]
     assert asked == expected
     # A finished output is left alone: nothing generated, everything skipped.
     asked.clear()
