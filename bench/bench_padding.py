@@ -3,11 +3,15 @@
     python bench/bench_padding.py [--n 4000] [--batch_size 8] [--buffer_size 1024] [--max_length 2048]
 
 Data: synthetic Chinese conversations with lognormal message lengths (70% single-turn, 30% with 2-5
-turns), encoded with the real Qwen2.5 tokenizer and the qwen2.5 template. Modes:
-    none      batches of batch_size in stream order, padded to the longest
-    grouped   group_by_length (shuffle buffer sorted by length), padded to the longest
-    packed    pack_by_tokens with a budget of batch_size x mean length: one row, no padding
-Padding fraction = padded positions / all positions the model computes.
+turns), encoded with the real Qwen2.5 tokenizer and the qwen2.5 template. The batches come from the
+training stream's own planner (sft.data.plan_batches), one shuffle buffer at a time. Modes:
+    none       --group_by_length false: batches of batch_size in shuffled order
+    fixed      --balance_batches false: buffer sorted by length, batch_size samples per batch
+    balanced   the default: same number of batches, about equal padded tokens each
+    tokens     --batch_tokens batch_size x mean length
+    packed     --packing: rows of at most batch_size x max_length tokens, no padding
+Padding fraction = padded positions / all positions the model computes. "largest batch" is the
+padded positions of the biggest micro-batch (what sets peak activation memory).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from sft.batching import group_by_length, pack_by_tokens, pack_collate, pad_collate
+from sft.batching import pack_collate, pad_collate
+from sft.data import StreamOptions, plan_batches
 from sft.conversation import Conversation, Message
 from sft.encoding import EncodeOptions, EncodeStats, encode_conversations
 from sft.models import load_tokenizer
@@ -82,20 +87,30 @@ def main(argv: list[str] | None = None) -> None:
 
     real = sum(lengths)
     bs = args.batch_size
-    none = [samples[i: i + bs] for i in range(0, len(samples), bs)]
-    grouped = list(group_by_length(iter(samples), bs, args.buffer_size, args.seed))
-    budget = max(args.max_length, int(bs * statistics.mean(lengths)))
-    packed = list(pack_by_tokens(iter(samples), budget))
-    packed_positions = sum(pack_collate(b)["input_ids"].numel() for b in packed)
-
-    print("\n| mode | batches | padding fraction | positions computed / real tokens |")
-    print("|---|---:|---:|---:|")
-    for name, batches in (("none (stream order)", none), (f"grouped (buffer {args.buffer_size})", grouped)):
-        frac, positions = padded_fraction(batches, tokenizer)
-        print(f"| {name} | {len(batches)} | {frac:.1%} | {positions / real:.2f} |")
-    print(f"| packed (budget {budget} tokens) | {len(packed)} | 0.0% | {packed_positions / real:.2f} |")
-    print(f"\npacked rows fill {real / (len(packed) * budget):.1%} of the token budget on average")
-
+    rows = [{"input_ids": s.input_ids, "labels": s.labels} for s in samples]
+    mean_tokens = int(bs * statistics.mean(lengths))
+    modes = {
+        "none (shuffled order)": StreamOptions(batch_size=bs, group_by_length=False),
+        "grouped, fixed size": StreamOptions(batch_size=bs, balance_batches=False),
+        "grouped, balanced (default)": StreamOptions(batch_size=bs),
+        f"grouped, --batch_tokens {mean_tokens}": StreamOptions(batch_size=bs, batch_tokens=mean_tokens),
+        "packed": StreamOptions(batch_size=bs, packing=True, max_length=args.max_length),
+    }
+    print(f"\n| mode (buffer {args.buffer_size}) | batches | samples per batch | padding fraction "
+          "| positions computed / real tokens | largest batch, positions |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, options in modes.items():
+        rng = random.Random(args.seed)
+        batches = [batch for start in range(0, len(rows), args.buffer_size)
+                   for batch in plan_batches(rows[start:start + args.buffer_size], options, rng)]
+        if options.packing:
+            sizes = [pack_collate(b)["input_ids"].numel() for b in batches]
+            frac, positions = 0.0, sum(sizes)
+        else:
+            frac, positions = padded_fraction(batches, tokenizer)
+            sizes = [len(b) * max(len(s["input_ids"]) for s in b) for b in batches]
+        print(f"| {name} | {len(batches)} | {len(rows) / len(batches):.1f} (max {max(map(len, batches))}) "
+              f"| {frac:.1%} | {positions / real:.2f} | {max(sizes)} |")
 
 if __name__ == "__main__":
     main()

@@ -3,12 +3,14 @@
     pip install -r bench/requirements-bench.txt          # TRL: a bench-only dependency
     python bench/bench_vs_trl.py                         # ~15 min on a 2-core CPU
     python bench/bench_vs_trl.py --steps 12 --modes trl ours ours_pack --rounds 2
+    python bench/bench_vs_trl.py --steps 10 --modes trl ours ours_fixed --seeds 42 43 44 45   # loss check
 
 Each mode trains in its own subprocess (so peak RSS is its own), alternating when --rounds > 1:
     trl           TRL SFTTrainer defaults: conversational prompt/completion data, completion-only loss,
                   padding to the longest sample of each batch
-    ours          hf_sft.py defaults: length-grouped batches from the shuffle buffer, chunked loss on
-                  supervised positions only
+    ours          hf_sft.py defaults: length-grouped, token-balanced batches from the shuffle buffer (8
+                  samples per step on average), chunked loss on supervised positions only
+    ours_fixed    ours with --balance_batches false (length-grouped, exactly 8 samples per batch)
     ours_nogroup  ours without length grouping (padding like TRL's)
     ours_gc       ours with --gradient_checkpointing (TRL's SFTConfig turns it on by default)
     ours_tokens   ours with --batch_tokens 2048 (length-grouped batches of ~equal tokens, ~8 samples on average)
@@ -34,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-MODES = ("trl", "ours", "ours_gc", "ours_tokens", "ours_nogroup", "ours_pack")
+MODES = ("trl", "ours", "ours_fixed", "ours_gc", "ours_tokens", "ours_nogroup", "ours_pack")
 HELDOUT = 64
 
 
@@ -92,7 +94,8 @@ class Meter:
                 "real_tokens_per_s": round(real / seconds, 1), "supervised_tokens_per_s": round(supervised / seconds, 1),
                 "computed_tokens_per_s": round(computed / seconds, 1),
                 "padding_fraction": round(1 - real / computed, 4) if computed else 0.0,
-                "seconds_per_step": round(seconds / len(timed), 2), "rows_per_step": round(rows / len(timed), 1)}
+                "seconds_per_step": round(seconds / len(timed), 2), "rows_per_step": round(rows / len(timed), 1),
+                "samples_trained": sum(b[3] for b in self.batches[:steps])}
 
 
 def heldout_loss(model, tokenizer, path: Path) -> float:
@@ -186,7 +189,8 @@ def train_ours(args, meter: Meter):
              "--output_dir", args.out, "--finetuning_type", "full", "--precision", args.precision,
              "--group_by_length", str(args.child != "ours_nogroup").lower(),
              "--packing", str(args.child == "ours_pack").lower(), "--shuffle_buffer", "1000",
-             "--gradient_checkpointing", str(args.child == "ours_gc").lower()]
+             "--gradient_checkpointing", str(args.child == "ours_gc").lower(),
+             "--balance_batches", str(args.child != "ours_fixed").lower()]
     if args.child == "ours_tokens":
         flags += ["--batch_tokens", "2048"]
     for key, value in _common_training_kwargs(args).items():
@@ -241,7 +245,9 @@ def main() -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on CPUs with avx512_bf16/AMX, else fp32 (bf16 is emulated and ~30x slower there)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--seed", type=int, default=42, help="Training seed (sample order) of every mode.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42],
+                   help="Training seeds (sample order); every mode runs once per seed and round.")
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a child's seed
     p.add_argument("--work", default="bench/out/vs_trl")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -264,22 +270,21 @@ def main() -> None:
           flush=True)
     results = []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
-    for round_ in range(args.rounds):
-        for mode in args.modes:
-            result_path = work / f"{mode}-seed{args.seed}-{round_}.json"
-            cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--precision", precision,
-                   "--seed", str(args.seed),
-                   "--threads", str(args.threads), "--data", str(train), "--heldout", str(heldout),
-                   "--out", str(work / f"run-{mode}"), "--result", str(result_path)]
-            with open(work / f"{mode}-seed{args.seed}-{round_}.log", "w") as log:
-                code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-            if code != 0:
-                sys.exit(f"{mode} failed (exit {code}); see {work / f'{mode}-seed{args.seed}-{round_}.log'}")
-            result = json.loads(result_path.read_text())
-            result["mfu"] = round(6 * result["params"] * result["real_tokens_per_s"] / (peak * 1e9), 4)
-            result["seed"] = args.seed
-            results.append(result)
-            print(json.dumps(result), flush=True)
+    for seed, round_, mode in [(s, r, m) for s in args.seeds for r in range(args.rounds) for m in args.modes]:
+        result_path = work / f"{mode}-seed{seed}-{round_}.json"
+        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--precision", precision,
+               "--seed", str(seed),
+               "--threads", str(args.threads), "--data", str(train), "--heldout", str(heldout),
+               "--out", str(work / f"run-{mode}"), "--result", str(result_path)]
+        with open(work / f"{mode}-seed{seed}-{round_}.log", "w") as log:
+            code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            sys.exit(f"{mode} failed (exit {code}); see {work / f'{mode}-seed{seed}-{round_}.log'}")
+        result = json.loads(result_path.read_text())
+        result["mfu"] = round(6 * result["params"] * result["real_tokens_per_s"] / (peak * 1e9), 4)
+        result["seed"] = seed
+        results.append(result)
+        print(json.dumps(result), flush=True)
     report(results, args, precision, peak)
 
 
@@ -287,15 +292,32 @@ def report(results: list[dict], args, precision: str, peak: float) -> None:
     trl = [r["real_tokens_per_s"] for r in results if r["mode"] == "trl"]
     base = sum(trl) / len(trl) if trl else None
     print(f"\n{args.samples} samples, max_length 512, batch 8, {args.steps} steps (steps 3..{args.steps - 1} timed), "
-          f"constant lr 5e-5, seed {args.seed}, {precision}, {args.threads} threads, GEMM peak {peak:.0f} GFLOP/s\n")
-    print("| mode | real tok/s | supervised tok/s | padding | peak RSS MB | held-out loss | MFU | vs TRL |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"constant lr 5e-5, {precision}, {args.threads} threads, GEMM peak {peak:.0f} GFLOP/s\n")
+    print("| mode | seed | real tok/s | supervised tok/s | padding | peak RSS MB | samples trained | held-out loss "
+          "| MFU | vs TRL |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ratio = f"{r['real_tokens_per_s'] / base:.2f}x" if base else ""
-        print(f"| {r['mode']} | {r['real_tokens_per_s']:.0f} | {r['supervised_tokens_per_s']:.0f} | "
-              f"{100 * r['padding_fraction']:.1f}% | {r['peak_rss_mb']} | {r['heldout_loss']:.4f} | "
-              f"{100 * r['mfu']:.1f}% | {ratio} |")
+        print(f"| {r['mode']} | {r['seed']} | {r['real_tokens_per_s']:.0f} | {r['supervised_tokens_per_s']:.0f} | "
+              f"{100 * r['padding_fraction']:.1f}% | {r['peak_rss_mb']} | {r['samples_trained']} | "
+              f"{r['heldout_loss']:.4f} | {100 * r['mfu']:.1f}% | {ratio} |")
+    loss_summary(results)
 
+
+def loss_summary(results: list[dict]) -> None:
+    """Held-out loss per mode minus TRL's on the same seed: mean and range over seeds (paired)."""
+    trl = {r["seed"]: r["heldout_loss"] for r in results if r["mode"] == "trl"}
+    if not trl:
+        return
+    print("\n| mode | seeds | mean held-out loss | minus TRL, mean | minus TRL, range |")
+    print("|---|---:|---:|---:|---:|")
+    for mode in dict.fromkeys(r["mode"] for r in results):
+        pairs = [(r["heldout_loss"], trl[r["seed"]]) for r in results if r["mode"] == mode and r["seed"] in trl]
+        if not pairs:
+            continue
+        gaps = [ours - theirs for ours, theirs in pairs]
+        print(f"| {mode} | {len(pairs)} | {sum(p[0] for p in pairs) / len(pairs):.4f} | "
+              f"{sum(gaps) / len(gaps):+.4f} | {min(gaps):+.4f} .. {max(gaps):+.4f} |")
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,8 @@
-"""Encoded samples -> model batches: padded, length-grouped, or packed without padding.
+"""Encoded samples -> model batches: padded, or packed without padding (which samples go together
+is sft.data.plan_batches).
 
     pad_collate([s1, s2], tokenizer)             # {"input_ids": (B, L), "labels": (B, L), "attention_mask": (B, L)}
-    group_by_length(samples, batch_size=8, buffer_size=512, seed=0)   # -> lists of samples of similar length
     pack_collate([s1, s2])                       # {"input_ids": (1, T), "labels", "position_ids", "use_cache": False}
-    pack_by_tokens(samples, max_tokens=4096)     # -> lists of samples, at most max_tokens tokens each
 
 A sample is an EncodedSample or a mapping with "input_ids" and "labels" (what a datasets row holds).
 
@@ -16,8 +15,7 @@ pack_collate puts use_cache=False into the batch for that reason.
 """
 from __future__ import annotations
 
-import random
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -29,10 +27,6 @@ def _ids_labels(sample: Any) -> tuple[list[int], list[int]]:
     if isinstance(sample, Mapping):
         return list(sample["input_ids"]), list(sample["labels"])
     return list(sample.input_ids), list(sample.labels)
-
-
-def _length(sample: Any) -> int:
-    return len(sample["input_ids"] if isinstance(sample, Mapping) else sample.input_ids)
 
 
 # ------------------------------------------------------------------------------------- padding
@@ -87,38 +81,6 @@ def padding_fraction(batch: Mapping[str, Any]) -> float:
     return 1.0 - float(mask.sum()) / mask.numel()
 
 
-def group_by_length(samples: Iterable, batch_size: int, buffer_size: int = 1024, seed: int = 0) -> Iterator[list]:
-    """Batches of similar-length samples from a stream, in random batch order.
-
-    Fill a buffer of `buffer_size` samples, shuffle it, sort it by length, cut it into batches, shuffle
-    the batches and yield them. The samples of a last partial batch wait for the next buffer; only the
-    end of the stream yields a batch smaller than batch_size.
-    """
-    if batch_size < 1 or buffer_size < batch_size:
-        raise ValueError(f"group_by_length needs 1 <= batch_size <= buffer_size, got batch_size={batch_size}, "
-                         f"buffer_size={buffer_size}")
-    rng = random.Random(seed)
-    buffer: list = []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) >= buffer_size:
-            batches, buffer = _sorted_batches(buffer, batch_size, rng, keep_partial=False)
-            yield from batches
-    batches, _ = _sorted_batches(buffer, batch_size, rng, keep_partial=True)
-    yield from batches
-
-
-def _sorted_batches(buffer: list, batch_size: int, rng: random.Random, keep_partial: bool) -> tuple[list, list]:
-    rng.shuffle(buffer)  # ties in length end up in random order
-    buffer.sort(key=_length)
-    batches = [buffer[i: i + batch_size] for i in range(0, len(buffer), batch_size)]
-    rest: list = []
-    if batches and len(batches[-1]) < batch_size and not keep_partial:
-        rest = batches.pop()
-    rng.shuffle(batches)
-    return batches, rest
-
-
 # ------------------------------------------------------------------------------------- packing
 
 
@@ -144,27 +106,3 @@ def pack_collate(samples: list) -> dict[str, Any]:
         "position_ids": torch.tensor([position_ids], dtype=torch.long),
         "use_cache": False,  # a KV cache object disables transformers' packed-sequence masking
     }
-
-
-def pack_by_tokens(samples: Iterable, max_tokens: int, max_samples: int | None = None) -> Iterator[list]:
-    """Greedy, in stream order: lists of samples with at most `max_tokens` tokens (and max_samples) each."""
-    batch: list = []
-    used = 0
-    for i, sample in enumerate(samples):
-        n = _length(sample)
-        if n > max_tokens:
-            raise ValueError(f"sample {i} has {n} tokens, more than the packing budget of {max_tokens}; "
-                             "raise the tokens-per-batch budget to at least max_length")
-        if batch and (used + n > max_tokens or (max_samples is not None and len(batch) >= max_samples)):
-            yield batch
-            batch, used = [], 0
-        batch.append(sample)
-        used += n
-    if batch:
-        yield batch
-
-
-def packed_batches(samples: Iterable, max_tokens: int, max_samples: int | None = None) -> Iterator[dict[str, Any]]:
-    """pack_by_tokens + pack_collate: ready model inputs from a stream of encoded samples."""
-    for group in pack_by_tokens(samples, max_tokens, max_samples):
-        yield pack_collate(group)

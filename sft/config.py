@@ -67,9 +67,14 @@ class DataArguments:
     packing: bool = field(default=False, metadata={"help": "Pack several samples per row (padding-free)."})
     group_by_length: bool = field(default=True, metadata={"help": "Group similar lengths into batches (less padding)."})
     shuffle_buffer: int = field(default=1000, metadata={"help": "Samples in the streaming shuffle buffer."})
+    balance_batches: bool = field(
+        default=True, metadata={"help": "With --group_by_length: cut each shuffle buffer into as many batches as "
+                                        "--per_device_train_batch_size gives, with about equal padded tokens each "
+                                        "(that many samples on average; equal weight per token, flat memory)."}
+    )
     batch_tokens: int | None = field(
         default=None, metadata={"help": "With --group_by_length: fill each micro-batch up to this many padded tokens "
-                                        "instead of a fixed sample count (every token weighs the same in the loss); "
+                                        "instead of a sample count (overrides --balance_batches); "
                                         "--per_device_train_batch_size then only sizes the --num_train_epochs "
                                         "step estimate."}
     )

@@ -131,6 +131,7 @@ class StreamOptions:
     seed: int = 42
     skip_first: int = 0  # records of the first source held out for validation (--val_size)
     batch_tokens: int | None = None  # with group_by_length: padded tokens per micro-batch instead of batch_size
+    balance_batches: bool = True  # with group_by_length: batch_size samples on average, ~equal padded tokens each
 
 
 @dataclass
@@ -376,8 +377,9 @@ def plan_batches(samples: list[dict], options: StreamOptions, rng: random.Random
     """Split one cycle's samples into micro-batches.
 
     Padded: shuffle, then (group_by_length) a stable sort by length so each batch holds similar
-    lengths (batch_size samples each, or with batch_tokens as many as fit that many padded tokens),
-    then shuffle the batch order. Packed: first-fit-decreasing into rows of at most
+    lengths, then shuffle the batch order. Grouped batches are balanced by default: as many batches
+    as batch_size samples each would give, but cut so each holds about the same padded tokens
+    (balance_batches); or as many samples as fit batch_tokens padded tokens; or batch_size each. Packed: first-fit-decreasing into rows of at most
     batch_size * max_length tokens (one padding-free row per micro-batch), rows shuffled.
     """
     if options.packing:
@@ -389,6 +391,8 @@ def plan_batches(samples: list[dict], options: StreamOptions, rng: random.Random
             order.sort(key=lambda s: len(s["input_ids"]))  # stable: ties keep the shuffled order
         if options.group_by_length and options.batch_tokens:
             batches = token_budget_batches(order, options.batch_tokens)
+        elif options.group_by_length and options.balance_batches:
+            batches = balanced_batches(order, -(-len(order) // options.batch_size))
         else:
             batches = [order[i:i + options.batch_size] for i in range(0, len(order), options.batch_size)]
     rng.shuffle(batches)
@@ -416,6 +420,45 @@ def token_budget_batches(ordered: list[dict], budget: int) -> list[list[dict]]:
     if current:
         batches.append(current)
     return batches
+
+
+def balanced_batches(ordered: list[dict], n_batches: int) -> list[list[dict]]:
+    """Cut length-sorted samples into `n_batches` contiguous batches with the smallest possible
+    largest padded size (count x longest).
+
+    Fixed-size batches of sorted samples make the batch of the longest samples several times the
+    tokens (and memory) of the batch of the shortest, and under the per-step token mean a token in
+    a short batch then weighs several times one in a long batch. Balanced batches keep the number of
+    steps (batch_size samples per batch on average) while every batch carries about the same tokens.
+    """
+    if not ordered:
+        return []
+    lengths = [len(s["input_ids"]) for s in ordered]
+    n_batches = max(1, min(n_batches, len(ordered)))
+
+    def cut(budget: int) -> list[int]:  # greedy: the fewest contiguous batches within the budget
+        starts, longest = [0], 0
+        for i, size in enumerate(lengths):
+            if i > starts[-1] and (i - starts[-1] + 1) * max(longest, size) > budget:
+                starts.append(i)
+                longest = 0
+            longest = max(longest, size)
+        return starts
+
+    low, high = max(lengths), max(lengths) * len(lengths)  # binary search the smallest feasible budget
+    while low < high:
+        middle = (low + high) // 2
+        if len(cut(middle)) <= n_batches:
+            high = middle
+        else:
+            low = middle + 1
+    starts = cut(low)
+    bounds = [(a, b) for a, b in zip(starts, starts[1:] + [len(lengths)])]
+    while len(bounds) < n_batches:  # fewer were needed: halve the largest until the count is exact
+        a, b = max((r for r in bounds if r[1] - r[0] > 1), key=lambda r: (r[1] - r[0]) * lengths[r[1] - 1])
+        i = bounds.index((a, b))
+        bounds[i:i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
+    return [ordered[a:b] for a, b in bounds]
 
 
 def pack_rows(samples: list[dict], budget: int) -> list[list[dict]]:

@@ -69,6 +69,7 @@ def stream_options_for(config: SFTConfig) -> StreamOptions:
         seed=config.training.seed,
         skip_first=config.data.val_size if not config.data.val_data else 0,
         batch_tokens=config.data.batch_tokens,
+        balance_batches=config.data.balance_batches,
     )
 
 

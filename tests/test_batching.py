@@ -1,11 +1,9 @@
-from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from sft.batching import (group_by_length, pack_by_tokens, pack_collate, packed_batches, pad_collate,
-                          padding_fraction)
+from sft.batching import pack_collate, pad_collate, padding_fraction
 from sft.conversation import Conversation, Message
 from sft.encoding import EncodedSample, EncodeOptions, encode_conversation
 
@@ -63,42 +61,6 @@ def test_real_tokenizers_pad_safely(qwen_tokenizer):
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 151643, 151643]]
 
 
-def _lengths(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [int(x) for x in torch.randint(1, 200, (n,), generator=g)]
-
-
-def _samples(lengths):
-    return [_sample(list(range(1, n + 1)), [M] + list(range(2, n + 1))) for n in lengths]
-
-
-def test_group_by_length_keeps_every_sample_once_and_groups_similar_lengths():
-    samples = _samples(_lengths(1000))
-    batches = list(group_by_length(iter(samples), batch_size=8, buffer_size=128, seed=1))
-    assert Counter(id(s) for b in batches for s in b) == Counter(id(s) for s in samples)
-    assert all(len(b) == 8 for b in batches)  # 1000 = 125 * 8: partial batches wait for the next buffer
-    grouped = sum(padding_fraction(pad_collate(b, FakeTokenizer())) for b in batches) / len(batches)
-    random_order = [samples[i: i + 8] for i in range(0, 1000, 8)]
-    ungrouped = sum(padding_fraction(pad_collate(b, FakeTokenizer())) for b in random_order) / len(random_order)
-    assert grouped < 0.1 < ungrouped
-
-
-def test_group_by_length_is_deterministic_and_shuffles_batches():
-    samples = _samples(_lengths(100))
-    first = [[s.num_tokens for s in b] for b in group_by_length(samples, 4, 32, seed=3)]
-    again = [[s.num_tokens for s in b] for b in group_by_length(samples, 4, 32, seed=3)]
-    other = [[s.num_tokens for s in b] for b in group_by_length(samples, 4, 32, seed=4)]
-    assert first == again and first != other
-    assert [max(b) for b in first] != sorted(max(b) for b in first)  # batch order is shuffled
-
-
-def test_group_by_length_yields_a_last_partial_batch():
-    batches = list(group_by_length(_samples([3, 1, 2, 5, 4]), batch_size=2, buffer_size=4, seed=0))
-    assert sorted(len(b) for b in batches) == [1, 2, 2]
-    with pytest.raises(ValueError, match="batch_size <= buffer_size"):
-        list(group_by_length([], batch_size=8, buffer_size=4))
-
-
 def test_pack_collate_literal():
     batch = pack_collate([_sample([5, 6, 7], [M, 6, 7]), {"input_ids": [8, 9], "labels": [8, 9]}])
     assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7, 8, 9]]))
@@ -107,15 +69,6 @@ def test_pack_collate_literal():
     assert torch.equal(batch["position_ids"], torch.tensor([[0, 1, 2, 0, 1]]))
     assert batch["use_cache"] is False and "attention_mask" not in batch
     assert padding_fraction(batch) == 0.0
-
-
-def test_pack_by_tokens_respects_the_budget():
-    samples = _samples([3, 4, 2, 5, 1, 6])
-    assert [[s.num_tokens for s in b] for b in pack_by_tokens(samples, max_tokens=7)] == [[3, 4], [2, 5], [1, 6]]
-    assert [[s.num_tokens for s in b] for b in pack_by_tokens(samples, 100, max_samples=4)] == [[3, 4, 2, 5], [1, 6]]
-    with pytest.raises(ValueError, match="sample 5 has 6 tokens, more than the packing budget of 5"):
-        list(pack_by_tokens(samples, max_tokens=5))
-    assert [b["input_ids"].shape[1] for b in packed_batches(samples, max_tokens=7)] == [7, 7, 7]
 
 
 def test_packed_samples_do_not_see_each_other(qwen_tokenizer):
