@@ -14,7 +14,8 @@ Each mode trains in its own subprocess (so peak RSS is its own), alternating whe
     ours_nogroup  ours without length grouping (padding like TRL's)
     ours_gc       ours with --gradient_checkpointing (TRL's SFTConfig turns it on by default)
     ours_tokens   ours with --batch_tokens 2048 (length-grouped batches of ~equal tokens, ~8 samples on average)
-    ours_pack     ours with --packing (one row of up to batch x max_length tokens per step)
+    ours_pack     ours with --packing: 8 shuffled samples per step (as TRL), packed into rows as long as
+                  the longest of them (sdpa), so no padding and no attention across samples
 
 Measured the same way for every mode: the collator's batches give computed / real (non-pad) /
 supervised tokens, a forward pre-hook gives step start times; steps 3..N-1 are timed (warm-up
@@ -64,17 +65,17 @@ class Meter:
     """Per-batch token counts (from the collator) and per-step forward start times (from a hook)."""
 
     def __init__(self):
-        self.batches: list[tuple[int, int, int, int]] = []  # (computed, real, supervised, rows)
+        self.batches: list[tuple[int, ...]] = []  # (computed, real, supervised, rows, samples)
         self.forwards: list[float] = []
         self.active = True
 
-    def count(self, batch: dict) -> dict:
+    def count(self, batch: dict, padding_tokens: int = 0, samples: int | None = None) -> dict:
         if self.active:
             ids, labels = batch["input_ids"], batch.get("labels")
             mask = batch.get("attention_mask")
-            real = int(mask.sum()) if mask is not None else ids.numel()
+            real = int(mask.sum()) if mask is not None else ids.numel() - padding_tokens
             supervised = int((labels[:, 1:] != -100).sum()) if labels is not None else 0
-            self.batches.append((ids.numel(), real, supervised, ids.shape[0]))
+            self.batches.append((ids.numel(), real, supervised, ids.shape[0], samples or ids.shape[0]))
         return batch
 
     def hook(self, model) -> None:
@@ -95,7 +96,7 @@ class Meter:
                 "computed_tokens_per_s": round(computed / seconds, 1),
                 "padding_fraction": round(1 - real / computed, 4) if computed else 0.0,
                 "seconds_per_step": round(seconds / len(timed), 2), "rows_per_step": round(rows / len(timed), 1),
-                "samples_trained": sum(b[3] for b in self.batches[:steps])}
+                "samples_trained": sum(b[4] for b in self.batches[:steps])}
 
 
 def heldout_loss(model, tokenizer, path: Path) -> float:
@@ -182,7 +183,8 @@ def train_ours(args, meter: Meter):
 
     def counting_collator(*a):
         collate = make_collator(*a)
-        return lambda items: meter.count(collate(items))
+        return lambda items: meter.count(collate(items), items[0].get("padding_tokens", 0),
+                                         len(items[0].get("sample_ids") or []))
 
     sft.methods.prepare_model, sft.train.training_collator = prepare_and_hook, counting_collator
     flags = ["--model", "smollm2-135m-instruct", "--data", args.data, "--max_length", "512",

@@ -3,6 +3,7 @@ is sft.data.plan_batches).
 
     pad_collate([s1, s2], tokenizer)             # {"input_ids": (B, L), "labels": (B, L), "attention_mask": (B, L)}
     pack_collate([s1, s2])                       # {"input_ids": (1, T), "labels", "position_ids", "use_cache": False}
+    pack_collate([s1, s2, s3], pad_id=0)         # rows as long as the longest sample, (R, max length)
 
 A sample is an EncodedSample or a mapping with "input_ids" and "labels" (what a datasets row holds).
 
@@ -74,35 +75,67 @@ def pad_collate(samples: list, tokenizer, pad_to_multiple_of: int | None = None)
 
 
 def padding_fraction(batch: Mapping[str, Any]) -> float:
-    """Share of the batch's positions that are padding (0.0 for a packed batch)."""
+    """Share of the batch's positions that are padding."""
+    total = torch.as_tensor(batch["input_ids"]).numel()
     mask = batch.get("attention_mask")
     if mask is None:
-        return 0.0
-    return 1.0 - float(mask.sum()) / mask.numel()
+        return batch.get("padding_tokens", 0) / total
+    return 1.0 - float(mask.sum()) / total
 
 
 # ------------------------------------------------------------------------------------- packing
 
 
-def pack_collate(samples: list) -> dict[str, Any]:
-    """Concatenate samples into one row; position_ids restart at 0 for each sample; no padding.
+def pack_collate(samples: list, pad_id: int | None = None) -> dict[str, Any]:
+    """Samples -> packed rows; position_ids restart at 0 for each sample, so none sees another.
 
-    [[1, 2, 3], [4, 5]] -> input_ids [[1, 2, 3, 4, 5]], position_ids [[0, 1, 2, 0, 1]].
+    One row (pad_id None): all samples concatenated, no padding at all (for flash-attention kernels,
+    which take variable-length sequences only in a batch of one row):
+        [[1, 2, 3], [4, 5]] -> input_ids [[1, 2, 3, 4, 5]], position_ids [[0, 1, 2, 0, 1]]
+    Several rows (pad_id given; for sdpa/eager, whose attention is quadratic in the row length): rows
+    as long as the longest sample, filled first-fit-decreasing, each row's tail filled with a pad
+    segment that is a sequence of its own (position_ids restart, labels IGNORE_INDEX):
+        [[1, 2, 3], [4], [5, 6]], pad 0 -> input_ids [[1, 2, 3], [5, 6, 4]], position_ids [[0, 1, 2], [0, 1, 0]]
     Each sample's first label is IGNORE_INDEX: predicting it would read the previous sample.
+    "padding_tokens" counts the pad positions (there is no attention_mask to count them from).
     """
     if not samples:
         raise ValueError("pack_collate got an empty batch")
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    for sample in samples:
-        ids, labs = _ids_labels(sample)
-        input_ids += ids
-        labels += [IGNORE_INDEX] + labs[1:]
-        position_ids += range(len(ids))
+    pairs = [_ids_labels(s) for s in samples]
+    if pad_id is None:
+        rows = [list(range(len(pairs)))]
+        width = sum(len(ids) for ids, _ in pairs)
+    else:
+        width = max(len(ids) for ids, _ in pairs)
+        rows, room = [], []
+        for i in sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0])):
+            size = len(pairs[i][0])
+            free = next((r for r, left in enumerate(room) if size <= left), None)
+            if free is None:
+                rows.append([i])
+                room.append(width - size)
+            else:
+                rows[free].append(i)
+                room[free] -= size
+    input_ids, labels, position_ids = [], [], []
+    for row in rows:
+        ids_row: list[int] = []
+        labels_row: list[int] = []
+        positions: list[int] = []
+        for i in row:
+            ids, labs = pairs[i]
+            ids_row += ids
+            labels_row += [IGNORE_INDEX] + labs[1:]
+            positions += range(len(ids))
+        tail = width - len(ids_row)
+        input_ids.append(ids_row + [pad_id] * tail)
+        labels.append(labels_row + [IGNORE_INDEX] * tail)
+        positions += range(tail)
+        position_ids.append(positions)
     return {
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "position_ids": torch.tensor(position_ids, dtype=torch.long),
         "use_cache": False,  # a KV cache object disables transformers' packed-sequence masking
+        "padding_tokens": len(rows) * width - sum(len(ids) for ids, _ in pairs),
     }

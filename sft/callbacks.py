@@ -44,7 +44,7 @@ class BatchStats:
 
     The DataLoader runs ahead of the training loop (prefetch), so "the latest batch" is not the
     batch being trained; FIFO order is. Each record is (real, supervised, padded) tokens:
-    real = attention_mask.sum() (input_ids.numel() when there is no mask, as in packed rows),
+    real = attention_mask.sum() (in packed rows: input_ids.numel() - the collator's padding_tokens),
     supervised = (labels != -100).sum(), padded = input_ids.numel() - real.
     The collator must run in the training process (dataloader_num_workers=0): batches collated in
     worker processes never reach this FIFO, and the callback then leaves the keys out.
@@ -61,7 +61,7 @@ class BatchStats:
         input_ids = torch.as_tensor(batch["input_ids"])
         mask = batch.get("attention_mask")
         total = input_ids.numel()
-        real = int(torch.as_tensor(mask).sum()) if mask is not None else total
+        real = int(torch.as_tensor(mask).sum()) if mask is not None else total - batch.get("padding_tokens", 0)
         labels = batch.get("labels")
         supervised = int((torch.as_tensor(labels) != IGNORE_INDEX).sum()) if labels is not None else 0
         with self._lock:
@@ -490,14 +490,16 @@ def start_banner(config, trainable_params: int, total_params: int, world_size: i
     effective = per_device * accumulation * world
     steps = max_steps if max_steps is not None else training.max_steps
     max_length = config.data.max_length
-    rows = "rows of packed samples" if config.data.packing else "sequences"
+    data = config.data
+    varies = data.group_by_length and not data.packing and (data.balance_batches or data.batch_tokens)
+    rows = "samples per step" + (" on average" if varies else "")
     lines = [
         f"SFT run -> {training.output_dir}",
         f"  model      {config.model.model} ({config.method.finetuning_type})",
         f"  parameters {trainable_params:,} trainable of {total_params:,}"
         f" ({100.0 * trainable_params / max(total_params, 1):.2f}%)",
         f"  batch      {per_device} per device x {accumulation} accumulation x {world} process"
-        f"{'es' if world != 1 else ''} = {effective} {rows} per step",
+        f"{'es' if world != 1 else ''} = {effective} {rows}",
         f"  tokens     at most {effective * max_length:,} per step (max_length {max_length})",
     ]
     if steps and steps > 0:

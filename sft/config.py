@@ -64,7 +64,10 @@ class DataArguments:
     max_length: int = field(default=1024, metadata={"help": "Maximum tokens per sample (longer ones are truncated)."})
     train_on_prompt: bool = field(default=False, metadata={"help": "Also train on system/user/tool tokens."})
     last_turn_only: bool = field(default=False, metadata={"help": "Train only the last assistant turn."})
-    packing: bool = field(default=False, metadata={"help": "Pack several samples per row (padding-free)."})
+    packing: bool = field(default=False, metadata={
+        "help": "Pack each micro-batch's samples into rows instead of padding them: one row with flash attention, "
+                "rows as long as the batch's longest sample with sdpa/eager. Batches are then shuffled samples "
+                "(as with --group_by_length false), so packing changes the speed, not what is learned."})
     group_by_length: bool = field(default=True, metadata={"help": "Group similar lengths into batches (less padding)."})
     shuffle_buffer: int = field(default=1000, metadata={"help": "Samples in the streaming shuffle buffer."})
     balance_batches: bool = field(

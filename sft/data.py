@@ -1,11 +1,11 @@
 """Streaming training data: files -> canonical conversations -> encoded samples -> micro-batches.
 
 The stream yields whole, already collated micro-batches (the Trainer's DataLoader runs with batch
-size 1 and `unwrap_collate`). That lets length grouping and token-budget packing decide batch
-composition, and makes every step's data a pure function of (seed, epoch, cycle):
+size 1 and `unwrap_collate`). That lets length grouping decide batch composition (and packing
+decide the rows), and makes every step's data a pure function of (seed, epoch, cycle):
 
-    cycle = read `shuffle_buffer` samples of this rank -> encode -> plan batches (group by length
-            or pack, shuffled with a per-cycle seed) -> yield them
+    cycle = read `shuffle_buffer` samples of this rank -> encode -> plan batches (grouped by length
+            or not, shuffled with a per-cycle seed) -> collate (pad or pack) -> yield them
 
 Exact resume: the stream remembers the reader position at the start of each cycle. A checkpoint
 stores (cycle start position, batches already used from that cycle); resuming seeks the files to
@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from .conversation import Conversation, RecordError, validate_conversation
-from .batching import pack_collate, pad_collate
+from .batching import checked_pad_id, pack_collate, pad_collate
 from .encoding import EncodeOptions, EncodeStats, encode_conversation
 from .formats import detect_format, read_conversations as read_file_conversations, to_conversation
 from .sources import is_line_based, looks_like_hub_id
@@ -126,6 +126,7 @@ class StreamOptions:
     shuffle_buffer: int = 1000
     group_by_length: bool = True
     packing: bool = False
+    pack_one_row: bool = False  # packing: one row per micro-batch (flash attention) instead of rows of the longest
     max_length: int = 1024
     pad_to_multiple_of: int | None = None
     seed: int = 42
@@ -379,22 +380,22 @@ def plan_batches(samples: list[dict], options: StreamOptions, rng: random.Random
     Padded: shuffle, then (group_by_length) a stable sort by length so each batch holds similar
     lengths, then shuffle the batch order. Grouped batches are balanced by default: as many batches
     as batch_size samples each would give, but cut so each holds about the same padded tokens
-    (balance_batches); or as many samples as fit batch_tokens padded tokens; or batch_size each. Packed: first-fit-decreasing into rows of at most
-    batch_size * max_length tokens (one padding-free row per micro-batch), rows shuffled.
+    (balance_batches); or as many samples as fit batch_tokens padded tokens; or batch_size each.
+    Packed: batch_size shuffled samples per batch, as without grouping (the collator packs them into
+    rows), so packing changes the cost of a step but not which samples train together.
     """
-    if options.packing:
-        batches = pack_rows(samples, options.batch_size * options.max_length)
-    else:
-        order = samples[:]
-        rng.shuffle(order)
-        if options.group_by_length:
-            order.sort(key=lambda s: len(s["input_ids"]))  # stable: ties keep the shuffled order
-        if options.group_by_length and options.batch_tokens:
+    order = samples[:]
+    rng.shuffle(order)
+    if options.group_by_length and not options.packing:
+        order.sort(key=lambda s: len(s["input_ids"]))  # stable: ties keep the shuffled order
+        if options.batch_tokens:
             batches = token_budget_batches(order, options.batch_tokens)
-        elif options.group_by_length and options.balance_batches:
+        elif options.balance_batches:
             batches = balanced_batches(order, -(-len(order) // options.batch_size))
         else:
             batches = [order[i:i + options.batch_size] for i in range(0, len(order), options.batch_size)]
+    else:
+        batches = [order[i:i + options.batch_size] for i in range(0, len(order), options.batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -461,26 +462,12 @@ def balanced_batches(ordered: list[dict], n_batches: int) -> list[list[dict]]:
     return [ordered[a:b] for a, b in bounds]
 
 
-def pack_rows(samples: list[dict], budget: int) -> list[list[dict]]:
-    """First-fit-decreasing bin packing of samples into rows of at most `budget` tokens."""
-    rows: list[list[dict]] = []
-    room: list[int] = []
-    for sample in sorted(samples, key=lambda s: -len(s["input_ids"])):
-        size = len(sample["input_ids"])
-        for i, free in enumerate(room):
-            if size <= free:
-                rows[i].append(sample)
-                room[i] -= size
-                break
-        else:
-            rows.append([sample])
-            room.append(budget - size)
-    return rows
-
-
 def collate_batch(batch: list[dict], tokenizer, options: StreamOptions) -> dict:
     """Samples -> model inputs (sft.batching); `sample_ids` travels along for logging."""
-    out = pack_collate(batch) if options.packing else pad_collate(batch, tokenizer, options.pad_to_multiple_of)
+    if options.packing:
+        out = pack_collate(batch, None if options.pack_one_row else checked_pad_id(tokenizer))
+    else:
+        out = pad_collate(batch, tokenizer, options.pad_to_multiple_of)
     out["sample_ids"] = [s["id"] for s in batch]
     return out
 

@@ -64,6 +64,7 @@ def stream_options_for(config: SFTConfig) -> StreamOptions:
         shuffle_buffer=config.data.shuffle_buffer,
         group_by_length=config.data.group_by_length,
         packing=config.data.packing,
+        pack_one_row=config.model.attn_implementation.startswith("flash_attention"),
         max_length=config.data.max_length,
         pad_to_multiple_of=config.data.pad_to_multiple_of,
         seed=config.training.seed,
@@ -242,6 +243,7 @@ def training_collator(stats, sample_log: "SampleIdLog"):
         if ids is not None:
             sample_log.record(ids)
             stats.record(batch)
+        batch.pop("padding_tokens", None)  # a count for the stats, not a model input
         batch.update(loss_model_kwargs())
         return batch
 

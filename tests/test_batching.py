@@ -71,24 +71,69 @@ def test_pack_collate_literal():
     assert padding_fraction(batch) == 0.0
 
 
-def test_packed_samples_do_not_see_each_other(qwen_tokenizer):
+def test_pack_collate_rows_literal():
+    samples = [_sample([1, 2, 3], [M, 2, 3]), _sample([4], [4]), _sample([5, 6], [M, 6]), _sample([7, 8], [M, 8])]
+    batch = pack_collate(samples, pad_id=0)
+    # Rows as long as the longest sample (3), filled longest first: [1 2 3], [5 6 4], [7 8 pad].
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 6, 4], [7, 8, 0]]
+    assert batch["labels"].tolist() == [[M, 2, 3], [M, 6, M], [M, 8, M]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0], [0, 1, 0]]  # the pad is a sequence of its own
+    assert batch["padding_tokens"] == 1 and "attention_mask" not in batch and batch["use_cache"] is False
+    assert padding_fraction(batch) == 1 / 9
+
+
+def _three_samples(tokenizer):
+    convs = [Conversation([Message("user", "Hi"), Message("assistant", "Hello!")]),
+             Conversation([Message("user", "你好，北京在哪里？请介绍一下它的历史和文化。"),
+                           Message("assistant", "北京在中国北方，是一座有三千多年历史的古城，也是中国的首都。" * 3)],
+                          system="You are a helpful assistant."),
+             Conversation([Message("user", "2+2?"), Message("assistant", "4")], system="Be brief.")]
+    return [encode_conversation(c, tokenizer, EncodeOptions()) for c in convs]
+
+
+def _model_inputs(batch):
+    return {k: v for k, v in batch.items() if k not in ("labels", "padding_tokens")}
+
+
+@pytest.mark.parametrize("rows", ["one row", "rows"])
+def test_packed_samples_do_not_see_each_other(qwen_tokenizer, rows):
     from sft.models import load_model
 
-    tokenizer = qwen_tokenizer
     model = load_model("tiny-qwen2").eval()
-    convs = [Conversation([Message("user", "Hi"), Message("assistant", "Hello!")]),
-             Conversation([Message("user", "你好，北京在哪里？"), Message("assistant", "北京在中国北方。")], system="s"),
-             Conversation([Message("user", "2+2?"), Message("assistant", "4")], system="Be brief.")]
-    samples = [encode_conversation(c, tokenizer, EncodeOptions()) for c in convs]
-    batch = pack_collate(samples)
+    samples = _three_samples(qwen_tokenizer)
+    batch = pack_collate(samples, None if rows == "one row" else qwen_tokenizer.pad_token_id)
+    where = {}  # sample index -> (row, start) from the position ids restarting at 0
+    for r, positions in enumerate(batch["position_ids"].tolist()):
+        starts = [j for j, p in enumerate(positions) if p == 0]
+        for j in starts:
+            match = [i for i, s in enumerate(samples) if batch["input_ids"][r, j:j + s.num_tokens].tolist() == s.input_ids]
+            if match:
+                where[match[0]] = (r, j)
+    assert sorted(where) == [0, 1, 2] and len({r for r, _ in where.values()}) == (1 if rows == "one row" else 2)
     with torch.no_grad():
         model.train()  # as in training: a train-mode model would still build a KV cache without use_cache=False
-        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        packed = model(**_model_inputs(batch)).logits
         model.eval()
-        start = 0
-        for s in samples:
+        for i, s in enumerate(samples):
+            r, start = where[i]
             alone = model(input_ids=torch.tensor([s.input_ids])).logits[0]
-            torch.testing.assert_close(packed[start: start + s.num_tokens], alone, atol=1e-5, rtol=1e-4)
-            start += s.num_tokens
-        # The loss runs on the packed labels as given (the model shifts them itself).
-        assert torch.isfinite(model(**batch).loss)
+            torch.testing.assert_close(packed[r, start: start + s.num_tokens], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(qwen_tokenizer):
+    """Packing changes the cost of a step, not what it learns: same samples -> same loss and gradients."""
+    from sft.models import load_model
+
+    model = load_model("tiny-qwen2")
+    model.train()
+    samples = _three_samples(qwen_tokenizer)
+    grads = []
+    for batch in (pad_collate(samples, qwen_tokenizer), pack_collate(samples, qwen_tokenizer.pad_token_id),
+                  pack_collate(samples)):
+        model.zero_grad()
+        loss = model(**{k: v for k, v in batch.items() if k != "padding_tokens"}).loss
+        loss.backward()
+        grads.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    for loss, grad in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, grads[0][1], atol=1e-5, rtol=1e-4)

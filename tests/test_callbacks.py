@@ -179,7 +179,7 @@ def test_start_banner_lines(tmp_path):
     assert text.splitlines()[1:] == [
         "  model      tiny-qwen2 (full)",
         "  parameters 1,000 trainable of 4,000 (25.00%)",
-        "  batch      4 per device x 2 accumulation x 2 processes = 16 sequences per step",
+        "  batch      4 per device x 2 accumulation x 2 processes = 16 samples per step on average",
         "  tokens     at most 8,192 per step (max_length 512)",
         "  steps      60 (at most 491,520 tokens in all)",
         "  data       a.jsonl, b.jsonl",

@@ -63,10 +63,40 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     losses_b, ids_b = _per_step(tmp_path / "resumed")
     assert sorted(losses_a) == sorted(losses_b) == [1, 2, 3, 4, 5, 6]
     assert ids_b == ids_a  # the same samples in the same order, step by step
+    # Default balanced batches: the per-step sample count varies with length, while each shuffle cycle
+    # (10 records -> 5 micro-batches) still holds every record once: steps 1-5 are the first 20 records.
+    assert len({len(ids_a[step]) for step in ids_a}) > 1
+    first_cycles = [i for step in range(1, 6) for i in ids_a[step]]
+    assert sorted(first_cycles) == sorted(f"train.jsonl:{i}" for i in range(1, 21))
     for step in range(1, 7):
         assert losses_b[step] == pytest.approx(losses_a[step], rel=1e-4, abs=1e-4), step
     state = json.loads((tmp_path / "resumed" / "checkpoint-3" / "data_state.json").read_text())
     assert state["batches"] == 6  # 3 steps x 2 accumulation micro-batches consumed
+
+
+def test_packing_trains_exactly_like_unsorted_padded_batches(tmp_path):
+    """--packing changes how a step is computed, not what it learns: same samples, same losses."""
+    data = tmp_path / "train.jsonl"
+    _write_data(data, 40)
+    common = ["--data", str(data), "--max_steps", "4", "--save_steps", "100", "--per_device_train_batch_size", "4",
+              "--gradient_accumulation_steps", "1", "--shuffle_buffer", "20", "--logging_steps", "1"]
+    runs = {}
+    for name, flags in (("padded", ["--group_by_length", "false"]), ("packed", ["--packing", "true"])):
+        result = _train(common + flags + ["--output_dir", str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = _per_step(tmp_path / name)
+    (losses_padded, ids_padded), (losses_packed, ids_packed) = runs["padded"], runs["packed"]
+    assert ids_packed == ids_padded and all(len(ids) == 4 for ids in ids_packed.values())
+    assert sorted(losses_packed) == [1, 2, 3, 4]
+    for step in losses_padded:
+        assert losses_packed[step] == pytest.approx(losses_padded[step], rel=1e-4, abs=1e-5), step
+    def padding(name):
+        logs = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        return {rec["step"]: rec["padding_fraction"] for rec in logs if "padding_fraction" in rec}
+
+    # Rows as long as the batch's longest sample, one sample per row at worst: never more padding.
+    packed, padded = padding("packed"), padding("padded")
+    assert sorted(packed) == [1, 2, 3, 4] and all(packed[step] <= padded[step] for step in packed)
 
 
 def test_two_processes_read_every_sample_exactly_once(tmp_path):
