@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -311,14 +312,15 @@ def loss_summary(results: list[dict]) -> None:
     trl = {r["seed"]: r["heldout_loss"] for r in results if r["mode"] == "trl"}
     if not trl:
         return
-    print("\n| mode | seeds | mean held-out loss | minus TRL, mean | minus TRL, range |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| mode | seeds | mean held-out loss | std over seeds | minus TRL, mean | minus TRL, range |")
+    print("|---|---:|---:|---:|---:|---:|")
     for mode in dict.fromkeys(r["mode"] for r in results):
         pairs = [(r["heldout_loss"], trl[r["seed"]]) for r in results if r["mode"] == mode and r["seed"] in trl]
         if not pairs:
             continue
         gaps = [ours - theirs for ours, theirs in pairs]
-        print(f"| {mode} | {len(pairs)} | {sum(p[0] for p in pairs) / len(pairs):.4f} | "
+        spread = statistics.stdev(p[0] for p in pairs) if len(pairs) > 1 else 0.0
+        print(f"| {mode} | {len(pairs)} | {sum(p[0] for p in pairs) / len(pairs):.4f} | {spread:.4f} | "
               f"{sum(gaps) / len(gaps):+.4f} | {min(gaps):+.4f} .. {max(gaps):+.4f} |")
 
 if __name__ == "__main__":

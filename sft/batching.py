@@ -139,3 +139,36 @@ def pack_collate(samples: list, pad_id: int | None = None) -> dict[str, Any]:
         "use_cache": False,  # a KV cache object disables transformers' packed-sequence masking
         "padding_tokens": len(rows) * width - sum(len(ids) for ids, _ in pairs),
     }
+
+
+def packing_leak(model, pad_id: int, one_row: bool = False) -> float:
+    """How much packing changes a model's logits: 0.0 when packed samples are isolated.
+
+    Packing relies on the model building a block-diagonal mask from position_ids (transformers'
+    masking_utils does, for the architectures that use it); a model that ignores position_ids for
+    masking would let samples attend to each other without any error. This runs three short samples
+    packed (the two shorter ones share a row) and alone, and returns the largest logit difference
+    relative to the logit scale.
+    """
+    vocab = model.get_input_embeddings().weight.shape[0]
+    texts = [[(k * i + 3 * k) % vocab for i in range(n)] for k, n in ((7, 11), (11, 6), (13, 5))]
+    samples = [{"input_ids": ids, "labels": ids} for ids in texts]
+    batch = pack_collate(samples, None if one_row else pad_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids")}
+            packed = model(**inputs, use_cache=False).logits.float()
+            flat = packed.reshape(-1, packed.shape[-1])
+            ids = inputs["input_ids"].reshape(-1).tolist()
+            worst, scale = 0.0, 1e-6
+            for sample in texts:
+                alone = model(input_ids=torch.tensor([sample], device=device), use_cache=False).logits[0].float()
+                start = next(i for i in range(len(ids)) if ids[i:i + len(sample)] == sample)
+                worst = max(worst, float((flat[start:start + len(sample)] - alone).abs().max()))
+                scale = max(scale, float(alone.abs().max()))
+    finally:
+        model.train(was_training)
+    return worst / scale

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from sft.batching import pack_collate, pad_collate, padding_fraction
+from sft.batching import pack_collate, packing_leak, pad_collate, padding_fraction
 from sft.conversation import Conversation, Message
 from sft.encoding import EncodedSample, EncodeOptions, encode_conversation
 
@@ -137,3 +137,33 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(qwen_tokeniz
     for loss, grad in grads[1:]:
         torch.testing.assert_close(loss, grads[0][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, grads[0][1], atol=1e-5, rtol=1e-4)
+
+
+class _IgnoresPositions(torch.nn.Module):
+    """A model whose attention ignores position_ids, so packed samples would see each other."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, position_ids=None, use_cache=False):
+        return self.inner(input_ids=input_ids, use_cache=False)
+
+
+def test_packing_isolation_check_refuses_a_model_that_leaks(qwen_tokenizer):
+    from sft.config import ConfigError
+    from sft.models import load_model
+    from sft.train import check_packing_isolation
+
+    model = load_model("tiny-qwen2").train()
+    assert packing_leak(model, qwen_tokenizer.pad_token_id) < 1e-5
+    assert packing_leak(model, qwen_tokenizer.pad_token_id, one_row=True) < 1e-5
+    assert model.training  # the check puts the model back in train mode
+    check_packing_isolation(model, qwen_tokenizer, "tiny-qwen2")  # no error
+    leaky = _IgnoresPositions(model)
+    assert packing_leak(leaky, qwen_tokenizer.pad_token_id) > 1e-3
+    with pytest.raises(ConfigError, match="lets packed samples attend to each other .* train it with --packing false"):
+        check_packing_isolation(leaky, qwen_tokenizer, "custom-model")

@@ -124,6 +124,17 @@ def test_plan_with_batch_tokens_keeps_every_sample_once_within_budget():
     assert plan_batches(_samples(lengths), options, random.Random(1)) == batches  # deterministic (exact resume)
 
 
+def test_stream_options_follow_the_flags():
+    from sft.train import stream_options_for
+
+    default = stream_options_for(parse_config([]))
+    assert default.group_by_length and default.balance_batches and not default.packing
+    assert not default.pack_one_row  # sdpa: packed rows as long as the longest sample
+    assert not stream_options_for(parse_config(["--balance_batches", "false"])).balance_batches
+    flash = stream_options_for(parse_config(["--packing", "true", "--attn_implementation", "flash_attention_2"]))
+    assert flash.packing and flash.pack_one_row
+
+
 def test_batch_tokens_flag_is_validated():
     with pytest.raises(ConfigError, match="--batch_tokens 100: needs --group_by_length true, no --packing"):
         parse_config(["--batch_tokens", "100", "--max_length", "512"])
