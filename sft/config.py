@@ -250,6 +250,9 @@ def parse_config(argv: list[str] | None = None) -> SFTConfig:
         raise ConfigError("unknown argument" + ("s " if len(flags) > 1 else " ") + "; ".join(
             _flag_hint(arg) for arg in flags))
     problems = model.problems() + data.problems() + method.problems()
+    if data.packing and method.finetuning_type == "prompt_tuning":
+        problems.append("--packing with --finetuning_type prompt_tuning: the virtual tokens are prepended to every "
+                        "row, so packed samples would share them and see each other; use --packing false")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return SFTConfig(model=model, data=data, method=method, training=training, config_file=config_file)

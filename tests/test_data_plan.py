@@ -135,6 +135,11 @@ def test_stream_options_follow_the_flags():
     assert flash.packing and flash.pack_one_row
 
 
+def test_packing_with_prompt_tuning_is_refused():
+    with pytest.raises(ConfigError, match="--packing with --finetuning_type prompt_tuning.*use --packing false"):
+        parse_config(["--packing", "true", "--finetuning_type", "prompt_tuning"])
+
+
 def test_batch_tokens_flag_is_validated():
     with pytest.raises(ConfigError, match="--batch_tokens 100: needs --group_by_length true, no --packing"):
         parse_config(["--batch_tokens", "100", "--max_length", "512"])
