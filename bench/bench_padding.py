@@ -9,7 +9,8 @@ training stream's own planner (sft.data.plan_batches), one shuffle buffer at a t
     fixed      --balance_batches false: buffer sorted by length, batch_size samples per batch
     balanced   the default: same number of batches, about equal padded tokens each
     tokens     --batch_tokens batch_size x mean length
-    packed     --packing: rows of at most batch_size x max_length tokens, no padding
+    packed     --packing: the shuffled batches of "none", each packed into rows as long as its longest
+               sample (sdpa/eager); with flash attention one row each, no padding at all
 Padding fraction = padded positions / all positions the model computes. "largest batch" is the
 padded positions of the biggest micro-batch (what sets peak activation memory).
 """
@@ -104,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         batches = [batch for start in range(0, len(rows), args.buffer_size)
                    for batch in plan_batches(rows[start:start + args.buffer_size], options, rng)]
         if options.packing:
-            sizes = [pack_collate(b)["input_ids"].numel() for b in batches]
-            frac, positions = 0.0, sum(sizes)
+            packed = [pack_collate(b, tokenizer.pad_token_id) for b in batches]
+            sizes = [p["input_ids"].numel() for p in packed]
+            positions = sum(sizes)
+            frac = sum(p["padding_tokens"] for p in packed) / positions
         else:
             frac, positions = padded_fraction(batches, tokenizer)
             sizes = [len(b) * max(len(s["input_ids"]) for s in b) for b in batches]
