@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from sft.batching import pack_collate, pad_collate
-from sft.data import StreamOptions, plan_batches
+from sft.batching import padding_fraction
+from sft.data import StreamOptions, collate_batch, plan_batches
 from sft.conversation import Conversation, Message
 from sft.encoding import EncodeOptions, EncodeStats, encode_conversations
 from sft.models import load_tokenizer
@@ -57,15 +57,6 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[Conversation]:
     return convs
 
 
-def padded_fraction(batches, tokenizer) -> tuple[float, int]:
-    pads = positions = 0
-    for batch in batches:
-        mask = pad_collate(batch, tokenizer)["attention_mask"]
-        positions += mask.numel()
-        pads += mask.numel() - int(mask.sum())
-    return pads / positions, positions
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=4000, help="conversations")
@@ -88,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     real = sum(lengths)
     bs = args.batch_size
-    rows = [{"input_ids": s.input_ids, "labels": s.labels} for s in samples]
+    rows = [{"input_ids": s.input_ids, "labels": s.labels, "id": i} for i, s in enumerate(samples)]
     mean_tokens = int(bs * statistics.mean(lengths))
     modes = {
         "none (shuffled order)": StreamOptions(batch_size=bs, group_by_length=False),
@@ -104,14 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         rng = random.Random(args.seed)
         batches = [batch for start in range(0, len(rows), args.buffer_size)
                    for batch in plan_batches(rows[start:start + args.buffer_size], options, rng)]
-        if options.packing:
-            packed = [pack_collate(b, tokenizer.pad_token_id) for b in batches]
-            sizes = [p["input_ids"].numel() for p in packed]
-            positions = sum(sizes)
-            frac = sum(p["padding_tokens"] for p in packed) / positions
-        else:
-            frac, positions = padded_fraction(batches, tokenizer)
-            sizes = [len(b) * max(len(s["input_ids"]) for s in b) for b in batches]
+        collated = [collate_batch(b, tokenizer, options) for b in batches]  # what training computes
+        sizes = [c["input_ids"].numel() for c in collated]
+        positions = sum(sizes)
+        frac = sum(padding_fraction(c) * n for c, n in zip(collated, sizes)) / positions
         print(f"| {name} | {len(batches)} | {len(rows) / len(batches):.1f} (max {max(map(len, batches))}) "
               f"| {frac:.1%} | {positions / real:.2f} | {max(sizes)} |")
 

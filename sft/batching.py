@@ -102,21 +102,12 @@ def pack_collate(samples: list, pad_id: int | None = None) -> dict[str, Any]:
     if not samples:
         raise ValueError("pack_collate got an empty batch")
     pairs = [_ids_labels(s) for s in samples]
+    sizes = [len(ids) for ids, _ in pairs]
     if pad_id is None:
-        rows = [list(range(len(pairs)))]
-        width = sum(len(ids) for ids, _ in pairs)
+        rows, width = [list(range(len(pairs)))], sum(sizes)
     else:
-        width = max(len(ids) for ids, _ in pairs)
-        rows, room = [], []
-        for i in sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0])):
-            size = len(pairs[i][0])
-            free = next((r for r, left in enumerate(room) if size <= left), None)
-            if free is None:
-                rows.append([i])
-                room.append(width - size)
-            else:
-                rows[free].append(i)
-                room[free] -= size
+        width = max(sizes)
+        rows = _first_fit_decreasing(sizes, width)
     input_ids, labels, position_ids = [], [], []
     for row in rows:
         ids_row: list[int] = []
@@ -137,8 +128,23 @@ def pack_collate(samples: list, pad_id: int | None = None) -> dict[str, Any]:
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         "use_cache": False,  # a KV cache object disables transformers' packed-sequence masking
-        "padding_tokens": len(rows) * width - sum(len(ids) for ids, _ in pairs),
+        "padding_tokens": len(rows) * width - sum(sizes),
     }
+
+
+def _first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `sizes` binned into rows of at most `capacity`, longest first: [3, 1, 2], 3 -> [[0], [2, 1]]."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        free = next((r for r, left in enumerate(room) if sizes[i] <= left), None)
+        if free is None:
+            rows.append([i])
+            room.append(capacity - sizes[i])
+        else:
+            rows[free].append(i)
+            room[free] -= sizes[i]
+    return rows
 
 
 def packing_leak(model, pad_id: int, one_row: bool = False) -> float:

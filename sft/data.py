@@ -386,14 +386,13 @@ def plan_batches(samples: list[dict], options: StreamOptions, rng: random.Random
     """
     order = samples[:]
     rng.shuffle(order)
-    if options.group_by_length and not options.packing:
+    grouped = options.group_by_length and not options.packing
+    if grouped:
         order.sort(key=lambda s: len(s["input_ids"]))  # stable: ties keep the shuffled order
-        if options.batch_tokens:
-            batches = token_budget_batches(order, options.batch_tokens)
-        elif options.balance_batches:
-            batches = balanced_batches(order, -(-len(order) // options.batch_size))
-        else:
-            batches = [order[i:i + options.batch_size] for i in range(0, len(order), options.batch_size)]
+    if grouped and options.batch_tokens:
+        batches = token_budget_batches(order, options.batch_tokens)
+    elif grouped and options.balance_batches:
+        batches = balanced_batches(order, -(-len(order) // options.batch_size))
     else:
         batches = [order[i:i + options.batch_size] for i in range(0, len(order), options.batch_size)]
     rng.shuffle(batches)
@@ -454,10 +453,11 @@ def balanced_batches(ordered: list[dict], n_batches: int) -> list[list[dict]]:
         else:
             low = middle + 1
     starts = cut(low)
-    bounds = [(a, b) for a, b in zip(starts, starts[1:] + [len(lengths)])]
+    bounds = list(zip(starts, starts[1:] + [len(lengths)]))
     while len(bounds) < n_batches:  # fewer were needed: halve the largest until the count is exact
-        a, b = max((r for r in bounds if r[1] - r[0] > 1), key=lambda r: (r[1] - r[0]) * lengths[r[1] - 1])
-        i = bounds.index((a, b))
+        i = max((i for i, (a, b) in enumerate(bounds) if b - a > 1),
+                key=lambda i: (bounds[i][1] - bounds[i][0]) * lengths[bounds[i][1] - 1])
+        a, b = bounds[i]
         bounds[i:i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
     return [ordered[a:b] for a, b in bounds]
 
