@@ -10,13 +10,12 @@ import sys
 
 from sft.cli import run_entry
 
-
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo_cpu.yaml")
 
 
 def _main(argv: list[str]) -> int:
     from sft.config import parse_config
-    from sft.train import run_training
+    from sft.train.run import run_training
 
     if not argv:  # no arguments: the CPU demo preset
         argv = ["--config", DEMO_CONFIG]

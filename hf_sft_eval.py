@@ -25,11 +25,12 @@ SUBCOMMANDS = ("chat", "batch")
 
 def _main(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
-        from sft import inference_cli
+        from sft.evaluate.batch import batch_main
+        from sft.evaluate.chat import chat_main
 
-        command = {"chat": inference_cli.chat_main, "batch": inference_cli.batch_main}[argv[0]]
+        command = {"chat": chat_main, "batch": batch_main}[argv[0]]
         return command(argv[1:])
-    from sft.eval_cli import eval_main
+    from sft.evaluate.cli import eval_main
 
     return eval_main(argv)
 

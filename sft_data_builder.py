@@ -12,9 +12,9 @@ import os
 import signal
 import sys
 
-from sft.builder import BuildError, BuildOptions, StrictError, build
-from sft.formats import FORMATS
-from sft.sources import SourceError
+from sft.data.builder import BuildError, BuildOptions, StrictError, build
+from sft.data.formats import FORMATS
+from sft.data.sources import SourceError
 
 
 def parse_args(argv: list[str] | None) -> BuildOptions:

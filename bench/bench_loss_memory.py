@@ -1,4 +1,4 @@
-"""Peak memory and time of one forward+backward: plain HF loss vs sft.loss's chunked loss.
+"""Peak memory and time of one forward+backward: plain HF loss vs sft.train.loss's chunked loss.
 
 A random Qwen2 with a tiny hidden size but the real 151,936-token vocabulary, so the logits dominate.
 Each configuration runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own.
@@ -35,7 +35,7 @@ def run_child(args: argparse.Namespace) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from sft.loss import loss_model_kwargs, make_loss_func
+    from sft.train.loss import loss_model_kwargs, make_loss_func
 
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     common = [f"--{k}={getattr(args, k)}" for k in
               ("seq", "vocab", "hidden", "layers", "supervised", "autocast", "device", "steps", "threads")]
     runs = [("plain HF loss", ["--mode=plain"])]
-    runs += [(f"sft.loss chunk {c}", ["--mode=chunked", f"--chunk={c}"]) for c in args.chunks.split(",")]
+    runs += [(f"sft.train.loss chunk {c}", ["--mode=chunked", f"--chunk={c}"]) for c in args.chunks.split(",")]
     print(f"seq {args.seq}, vocab {args.vocab}, hidden {args.hidden}, layers {args.layers}, "
           f"supervised {args.supervised:.0%}, autocast {args.autocast}, device {args.device}")
     cuda = args.device.startswith("cuda")

@@ -4,7 +4,7 @@
 
 Data: synthetic Chinese conversations with lognormal message lengths (70% single-turn, 30% with 2-5
 turns), encoded with the real Qwen2.5 tokenizer and the qwen2.5 template. The batches come from the
-training stream's own planner (sft.data.plan_batches), one shuffle buffer at a time. Modes:
+training stream's own planner (sft.tokens.plan.plan_batches), one shuffle buffer at a time. Modes:
     none       --group_by_length false: batches of batch_size in shuffled order
     fixed      --balance_batches false: buffer sorted by length, batch_size samples per batch
     balanced   the default: same number of batches, about equal padded tokens each
@@ -25,11 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from sft.batching import padding_fraction
-from sft.data import StreamOptions, collate_batch, plan_batches
 from sft.conversation import Conversation, Message
-from sft.encoding import EncodeOptions, EncodeStats, encode_conversations
 from sft.models import load_tokenizer
+from sft.tokens.collate import StreamOptions, collate_batch, padding_fraction
+from sft.tokens.encoding import EncodeOptions, EncodeStats, encode_conversations
+from sft.tokens.plan import plan_batches
 
 # Common characters and punctuation: enough for realistic Qwen token/char ratios (~1.3-1.5 chars/token).
 _CHARS = ("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面"

@@ -24,9 +24,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def _encode_chunk(lines: list[str]) -> int:
-    from sft.encoding import EncodeOptions, encode_conversation
-    from sft.formats import detect_format, to_conversation
+    from sft.data.formats import detect_format, to_conversation
     from sft.models import load_tokenizer
+    from sft.tokens.encoding import EncodeOptions, encode_conversation
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     options = EncodeOptions(max_length=512)
@@ -83,7 +83,7 @@ def main() -> None:
     print(f"{len(lines)} records, SmolLM2 tokenizer, max_length 512\n")
     print("| pipeline | processes | samples/s |")
     print("|---|---:|---:|")
-    for name, fn in (("ours (sft.encoding)", ours), ("TRL SFTTrainer dataset preparation", trl)):
+    for name, fn in (("ours (sft.tokens.encoding)", ours), ("TRL SFTTrainer dataset preparation", trl)):
         for processes in sorted({1, args.processes}):
             print(f"| {name} | {processes} | {fn(lines, processes):.0f} |", flush=True)
 

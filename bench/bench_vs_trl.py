@@ -102,9 +102,10 @@ class Meter:
 
 def heldout_loss(model, tokenizer, path: Path) -> float:
     """Token-weighted loss on the held-out records with the training masking (same for every mode)."""
-    from sft.data import StreamOptions, build_eval_batches, read_conversations
-    from sft.encoding import EncodeOptions
-    from sft.evaluator import masked_loss_sum
+    from sft.evaluate.evaluator import masked_loss_sum
+    from sft.tokens.collate import StreamOptions
+    from sft.tokens.encoding import EncodeOptions
+    from sft.tokens.evalset import build_eval_batches, read_conversations
 
     model.eval()
     batches = build_eval_batches(list(read_conversations(str(path))), tokenizer, EncodeOptions(max_length=512),
@@ -168,13 +169,13 @@ def train_trl(args, meter: Meter):
 
 
 def train_ours(args, meter: Meter):
-    import sft.methods
-    import sft.train
+    import sft.train.methods
+    import sft.train.run
     from sft.config import parse_config
     from sft.models import load_tokenizer
 
     captured = {}
-    prepare, make_collator = sft.methods.prepare_model, sft.train.training_collator
+    prepare, make_collator = sft.train.methods.prepare_model, sft.train.run.training_collator
 
     def prepare_and_hook(model, *rest):
         model = prepare(model, *rest)
@@ -187,7 +188,7 @@ def train_ours(args, meter: Meter):
         return lambda items: meter.count(collate(items), items[0].get("padding_tokens", 0),
                                          len(items[0].get("sample_ids") or []))
 
-    sft.methods.prepare_model, sft.train.training_collator = prepare_and_hook, counting_collator
+    sft.train.methods.prepare_model, sft.train.run.training_collator = prepare_and_hook, counting_collator
     flags = ["--model", "smollm2-135m-instruct", "--data", args.data, "--max_length", "512",
              "--output_dir", args.out, "--finetuning_type", "full", "--precision", args.precision,
              "--group_by_length", str(args.child != "ours_nogroup").lower(),
@@ -201,7 +202,7 @@ def train_ours(args, meter: Meter):
             continue
         flags += [f"--{key}", str(value)]
     flags += ["--report_to", "none"]
-    sft.train.run_training(parse_config(flags))
+    sft.train.run.run_training(parse_config(flags))
     return captured["model"], load_tokenizer("smollm2-135m-instruct")
 
 
@@ -262,7 +263,7 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(child(args)))
         return
 
-    from sft.train import resolve_precision
+    from sft.train.run import resolve_precision
 
     precision = resolve_precision(args.precision)
     work = REPO / args.work

@@ -20,7 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from sft.plots import loss_series, read_train_log  # noqa: E402
+from sft.train.plots import loss_series, read_train_log  # noqa: E402
+
 RUNS = {  # name -> extra hf_sft.py flags
     "full": ["--finetuning_type", "full", "--learning_rate", "5e-5"],
     "lora": ["--finetuning_type", "lora", "--learning_rate", "2e-4"],

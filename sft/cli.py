@@ -6,8 +6,8 @@ import os
 import sys
 from typing import Callable
 
-from .config import ConfigError
-from .models import ModelLoadError
+from sft.config import ConfigError
+from sft.models import ModelLoadError
 
 USER_ERRORS = (ConfigError, ModelLoadError, FileNotFoundError, ValueError)
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from .models import DEFAULT_MODEL
+from sft.files import write_text_atomic
+from sft.models import DEFAULT_MODEL
 
 TEMPLATES = ("auto", "qwen2.5", "chatml", "tokenizer")
 FINETUNING_TYPES = ("full", "freeze", "lora", "dora", "qlora", "prompt_tuning", "full_then_lora")
@@ -270,10 +271,7 @@ def write_resolved_config(config: SFTConfig, output_dir: str | os.PathLike) -> P
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "sft_config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    text = yaml.safe_dump(_plain(config.to_dict()), allow_unicode=True, sort_keys=False)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(target, yaml.safe_dump(_plain(config.to_dict()), allow_unicode=True, sort_keys=False))
     return target
 
 

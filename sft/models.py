@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .chat_templates import QWEN25_TEMPLATE, TURN_END_TOKENS
+from sft.chat_templates import QWEN25_TEMPLATE, TURN_END_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,13 @@ def _write_smollm2(folder: Path) -> None:
 
 def _write_tiny(folder: Path, arch: str) -> None:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     if arch == "qwen2":
         tokenizer = load_tokenizer("qwen2.5")

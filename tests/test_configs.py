@@ -117,7 +117,10 @@ def _launch_dests() -> set[str]:
     ],
 )
 def test_accelerate_config_loads_with_accelerates_own_classes(name, distributed_type, processes, precision):
-    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.config.config_args import (
+        ClusterConfig,
+        load_config_from_file,
+    )
 
     config = load_config_from_file(str(ACCELERATE / name))  # raises on unknown top-level keys
     assert isinstance(config, ClusterConfig)
@@ -142,7 +145,10 @@ def test_deepspeed_stages():
 
 def test_fsdp_config_builds_an_fsdp2_plugin(monkeypatch):
     """Go through `accelerate launch`'s own flag handling and environment, then build the plugin."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env
 

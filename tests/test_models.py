@@ -7,7 +7,13 @@ import pytest
 
 from sft import models
 from sft.chat_templates import QWEN25_DEFAULT_SYSTEM
-from sft.models import ModelLoadError, ensure_pad_token, load_model, load_tokenizer, resolve_model_path
+from sft.models import (
+    ModelLoadError,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,1 @@
+"""Stage: raw records -> canonical conversations -> ShareGPT files (sft_data_builder.py)."""

@@ -1,0 +1,449 @@
+"""The data build pipeline: raw files -> canonical conversations -> checked, deduplicated ShareGPT.
+
+    read (sft.data.sources) -> normalize + validate (sft.data.formats) -> dedup (sft.data.dedup) -> [mix] -> split -> write
+                                   |                               |
+                            x.rejects.jsonl                 x.duplicates.jsonl
+
+Every record read ends up in exactly one place: the output (train or validation file), the rejects file
+(with source, line, reason, raw text) or the duplicates file (with the original it repeats), so
+read = written + rejected + duplicates always. Every file is written to a temporary name beside it and
+renamed only when the whole build succeeded: an error or Ctrl-C leaves the previous state untouched.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import orjson
+
+from sft.conversation import RecordError
+from sft.data.dedup import ExactDeduper, NearDeduper, pack_location, unpack_location
+from sft.data.formats import FORMATS, normalize_records
+from sft.data.sources import is_line_based, iter_raw_records, looks_like_hub_id
+from sft.data.split import interleave, make_splitter, mix_targets, shuffled_raw_records
+from sft.data.stats import StatsCollector
+from sft.data.steps import StepConfig, parallel_outcomes, record_outcome
+
+DEDUP_MODES = ("exact", "near", "none")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class BuildError(ValueError):
+    """A user error (bad option, unreadable input): the message says what to change."""
+
+
+class StrictError(Exception):
+    """--strict: the first bad record, as `file:line: reason: detail`."""
+
+
+@dataclass
+class BuildOptions:
+    inputs: list[str]  # local files or hub dataset ids
+    output: str  # x.json (JSON array) or x.jsonl (JSON lines)
+    format: str | None = None  # force one input format instead of detecting it per file
+    rejects: str | None = None  # default: <output stem>.rejects.jsonl
+    duplicates: str | None = None  # default: <output stem>.duplicates.jsonl
+    strict: bool = False  # stop at the first bad record
+    max_chars: int | None = 100_000  # longer records are rejected (None: no limit)
+    dedup: str = "exact"  # exact | near | none
+    near_threshold: float = 0.85  # Jaccard threshold of --dedup near
+    num_perm: int = 128  # MinHash permutations of --dedup near
+    stats: bool = False  # write <stem>.stats.json / .stats.md / .stats.png
+    tokenizer: Any = None  # name for sft.models.load_tokenizer, or a tokenizer object
+    max_length: int = 2048  # report the share of records longer than this (tokens, else chars)
+    val_ratio: float | None = None  # fraction of records for validation (stratified by kind)
+    val_size: int | None = None  # or an exact number of validation records
+    val_output: str | None = None  # default: <output stem>.val.json[l]
+    mix: list[tuple[str, float]] = field(default_factory=list)  # (file, share of the final output)
+    limit: int | None = None  # read at most this many records from the inputs
+    seed: int = 42
+    shuffle: bool = False  # exact for plain JSON-lines inputs, else a bounded buffer
+    shuffle_buffer: int = 10_000
+    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))  # processes for JSON-lines inputs
+    hub_split: str = "train"
+    hub_config: str | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.inputs:
+            out.append("give at least one input file or hub dataset id")
+        if output_kind(self.output) is None:
+            out.append(f"--output {self.output}: must end with .json (JSON array) or .jsonl (JSON lines)")
+        if self.format is not None and self.format not in FORMATS:
+            out.append(f"--format {self.format}: expected one of {', '.join(FORMATS)}")
+        if self.dedup not in DEDUP_MODES:
+            out.append(f"--dedup {self.dedup}: expected one of {', '.join(DEDUP_MODES)}")
+        if not 0 < self.near_threshold <= 1:
+            out.append(f"--near_threshold {self.near_threshold}: expected a value in (0, 1]")
+        if self.val_ratio is not None and self.val_size is not None:
+            out.append("--val_ratio and --val_size exclude each other; pick one")
+        if self.val_ratio is not None and not 0 < self.val_ratio < 1:
+            out.append(f"--val_ratio {self.val_ratio}: expected a value in (0, 1)")
+        if self.val_size is not None and self.val_size < 1:
+            out.append(f"--val_size {self.val_size}: expected a positive count")
+        if self.workers < 1:
+            out.append(f"--workers {self.workers}: expected at least 1")
+        if self.limit is not None and self.limit < 1:
+            out.append(f"--limit {self.limit}: expected a positive count")
+        if self.max_chars is not None and self.max_chars < 1:
+            out.append(f"--max_chars {self.max_chars}: expected a positive count (0 on the command line: no limit)")
+        for path in self.inputs + [m for m, _ in self.mix]:
+            if not os.path.exists(path) and not looks_like_hub_id(path):
+                out.append(f"{path}: no such file (and it is not a hub dataset id like 'owner/name'); check the path")
+        shares = [r for _, r in self.mix]
+        if any(not 0 < r < 1 for r in shares) or sum(shares) >= 1:
+            out.append(f"--mix shares {shares}: each must be in (0, 1) and together below 1")
+        here = {os.path.abspath(p) for p in self.inputs + [m for m, _ in self.mix]}
+        if os.path.abspath(self.output) in here:
+            out.append(f"--output {self.output} is also an input; write to a new file")
+        return out
+
+
+@dataclass
+class BuildResult:
+    read: int = 0
+    written: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    val: int = 0
+    mixed: int = 0
+    rejected_by_reason: Counter = field(default_factory=Counter)
+    duplicates_by_type: Counter = field(default_factory=Counter)
+    formats: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+    mix_report: list = field(default_factory=list)
+    shuffle_mode: str | None = None
+    val_kinds: Counter = field(default_factory=Counter)
+    stats: StatsCollector | None = None
+
+    def summary(self) -> str:
+        line = (f"read={self.read} written={self.written} rejected={self.rejected} duplicates={self.duplicates} "
+                f"train={self.written - self.val} val={self.val}")
+        return line + (f" mixed={self.mixed}" if self.mix_report else "")
+
+
+def output_kind(path: str) -> str | None:
+    return ".jsonl" if path.endswith(".jsonl") else ".json" if path.endswith(".json") else None
+
+
+def default_paths(opts: BuildOptions) -> dict[str, str]:
+    kind = output_kind(opts.output) or ""
+    stem = opts.output[: len(opts.output) - len(kind)]
+    paths = {"output": opts.output, "rejects": opts.rejects or f"{stem}.rejects.jsonl"}
+    if opts.dedup != "none":
+        paths["duplicates"] = opts.duplicates or f"{stem}.duplicates.jsonl"
+    if opts.val_ratio or opts.val_size:
+        paths["val"] = opts.val_output or f"{stem}.val{kind}"
+    if opts.stats:
+        paths.update(stats_json=f"{stem}.stats.json", stats_md=f"{stem}.stats.md", stats_png=f"{stem}.stats.png")
+    return paths
+
+
+class AtomicWriter:
+    """Writes to a hidden temporary file beside `path`; commit() renames it, abort() deletes it.
+    As a JSON array (`array=True`) it writes '[', the items separated by ',\\n', and ']' on commit."""
+
+    def __init__(self, path: str, array: bool = False):
+        self.path, self.array, self.count = path, array, 0
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual mode
+        self.file = os.fdopen(fd, "wb", buffering=1 << 20)
+        if array:
+            self.file.write(b"[")
+
+    def write(self, line: bytes) -> None:
+        if self.array:
+            self.file.write(b"\n" if self.count == 0 else b",\n")
+            self.file.write(line)
+        else:
+            self.file.write(line)
+            self.file.write(b"\n")
+        self.count += 1
+
+    def commit(self) -> None:
+        if self.array:
+            self.file.write(b"\n]\n" if self.count else b"]\n")
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> BuildResult:
+    """Run the whole build; raises BuildError (user error), StrictError (--strict), KeyboardInterrupt.
+    On any exception no output file is created or changed."""
+    problems = opts.problems()
+    if problems:
+        raise BuildError("; ".join(problems))
+    paths = default_paths(opts)
+    writers: dict[str, AtomicWriter] = {}
+    scratch: list[str] = []
+    try:
+        for name in ("output", "val", "rejects", "duplicates"):
+            if name in paths:
+                writers[name] = AtomicWriter(paths[name], array=name in ("output", "val")
+                                             and output_kind(paths[name]) == ".json")
+        result = _Pipeline(opts, writers, scratch, log).run()
+        if opts.stats:
+            _write_stats(result, paths)
+        for w in writers.values():
+            w.commit()
+        for name in ("stats_json", "stats_md", "stats_png"):
+            if name in paths:
+                os.replace(_stats_tmp(paths[name]), paths[name])
+        result.paths = paths
+        return result
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        for name in ("stats_json", "stats_md", "stats_png"):
+            if name in paths and os.path.exists(_stats_tmp(paths[name])):
+                os.remove(_stats_tmp(paths[name]))
+        raise
+    finally:
+        for path in scratch:
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _stats_tmp(path: str) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+def _write_stats(result: BuildResult, paths: dict) -> None:
+    stats = result.stats
+    counts = {"read": result.read, "written": result.written, "rejected": result.rejected,
+              "duplicates": result.duplicates, "train": result.written - result.val, "val": result.val}
+    extra = {"rejected_by_reason": dict(result.rejected_by_reason.most_common()),
+             "duplicates_by_type": dict(result.duplicates_by_type), "formats": result.formats,
+             "val_kinds": dict(result.val_kinds), "mix": result.mix_report or None, "shuffle": result.shuffle_mode}
+    report = stats.report(counts, extra)
+    tmp = {k: _stats_tmp(paths[k]) for k in ("stats_json", "stats_md", "stats_png")}
+    stats.write(report, tmp["stats_json"], tmp["stats_md"], tmp["stats_png"])
+    # the markdown links the final PNG name, not the temporary one
+    with open(tmp["stats_md"], "r+", encoding="utf-8") as f:
+        text = f.read().replace(os.path.basename(tmp["stats_png"]), os.path.basename(paths["stats_png"]))
+        f.seek(0), f.truncate(), f.write(text)
+
+
+class _Pipeline:
+    def __init__(self, opts: BuildOptions, writers: dict, scratch: list, log: Callable[[str], None]):
+        self.opts, self.writers, self.scratch, self.log = opts, writers, scratch, log
+        self.result = BuildResult()
+        self.result.stats = StatsCollector(_load_tokenizer(opts.tokenizer), opts.max_length) if opts.stats else None
+        self.exact = ExactDeduper() if opts.dedup != "none" else None
+        self.near = NearDeduper(opts.near_threshold, opts.num_perm) if opts.dedup == "near" else None
+        self.source_ids: dict[str, int] = {}
+        self.source_names: list[str] = []
+        self.output_is_text: bool | None = None
+
+    def run(self) -> BuildResult:
+        main = self._good_records(self.opts.inputs, read_limit=self.opts.limit)
+        if self.opts.mix:
+            main = self._mixed(main)
+        self._sink(main)
+        return self.result
+
+    # -- reading
+    def _outcomes(self, paths: list[str], read_limit: int | None) -> Iterator[tuple[tuple, str, Any, Any]]:
+        """(outcome, source, raw record or raw line bytes, conversation if kept in-process)."""
+        opts = self.opts
+        key = "none" if opts.dedup == "none" else "text" if opts.dedup == "near" else "hash"
+        cfg = StepConfig(opts.format, opts.max_chars, key, opts.stats)
+        tokens = self.result.stats is not None and self.result.stats.tokenizer is not None
+        if opts.workers > 1 and not opts.shuffle and not tokens and all(is_line_based(p) for p in paths):
+            for outcome, source, line in parallel_outcomes(paths, cfg, opts.workers, read_limit, self.result.formats):
+                yield outcome, source, line, None
+            return
+        raws = self._raw(paths)
+        if read_limit is not None:
+            raws = _take(raws, read_limit)
+        for item in normalize_records(raws, opts.format, opts.max_chars, self.result.formats):
+            yield record_outcome(item, cfg), item.raw.source, item.raw, item.conversation
+
+    def _raw(self, paths: list[str]) -> Iterator:
+        kw = {"hub_split": self.opts.hub_split, "hub_config": self.opts.hub_config}
+        if self.opts.shuffle:
+            records, mode = shuffled_raw_records(paths, self.opts.seed, self.opts.shuffle_buffer, **kw)
+            self.result.shuffle_mode = mode
+            if mode == "buffer":
+                self.log(f"shuffle: approximate, with a buffer of {self.opts.shuffle_buffer} records "
+                         "(exact shuffling needs plain .jsonl inputs)")
+            return records
+        return (rec for p in paths for rec in iter_raw_records(p, **kw))
+
+    def _good_records(self, paths: list[str], read_limit: int | None = None,
+                      take: int | None = None) -> Iterator[tuple[str, bytes]]:
+        """(kind, ShareGPT JSON line) for every record that passes; bad ones and duplicates are routed."""
+        res, stats = self.result, self.result.stats
+        kept = 0
+        for outcome, source, raw, conv in self._outcomes(paths, read_limit):
+            res.read += 1
+            if not outcome[0]:
+                self._reject(source, outcome[1], outcome[2], outcome[3], raw)
+                continue
+            _, line, kind, is_text, key, out, features = outcome
+            if self.output_is_text is None:
+                self.output_is_text = is_text
+            elif self.output_is_text != is_text:
+                err = _mixed_error(self.output_is_text)
+                self._reject(source, line, err.reason, err.detail, raw)
+                continue
+            if key is not None and self._is_duplicate(source, line, key, raw):
+                continue
+            if stats is not None:
+                stats.add(kind, f"{source}:{line}", features, conv)
+            yield kind, out
+            kept += 1
+            if take is not None and kept >= take:
+                return
+
+    def _reject(self, source: str, line: int, reason: str, detail: str, raw: Any) -> None:
+        if self.opts.strict:
+            raise StrictError(f"{source}:{line}: {reason}: {detail}")
+        self.result.rejected += 1
+        self.result.rejected_by_reason[reason] += 1
+        self.writers["rejects"].write(orjson.dumps(
+            {"source": source, "line": line, "reason": reason, "error": detail, "raw": _raw_text(raw)}))
+
+    def _is_duplicate(self, source: str, line: int, key: Any, raw: Any) -> bool:
+        sid = self.source_ids.get(source)
+        if sid is None:
+            sid = self.source_ids[source] = len(self.source_names)
+            self.source_names.append(source)
+        loc = pack_location(sid, line)
+        if isinstance(key, str):  # near mode: the normalized text
+            kind, original = "exact", self.exact.check(key, loc)
+            if original is None:
+                kind, original = "near", self.near.check(key, loc)
+        else:
+            kind, original = "exact", self.exact.check_hash(key, loc)
+        if original is None:
+            return False
+        osid, oline = unpack_location(original)
+        self.result.duplicates += 1
+        self.result.duplicates_by_type[kind] += 1
+        head = orjson.dumps({"source": source, "line": line, "type": kind,
+                             "original_source": self.source_names[osid], "original_line": oline})
+        self.writers["duplicates"].write(head[:-1] + b',"record":' + _raw_json(raw) + b"}")
+        return True
+
+    # -- mixing
+    def _mixed(self, main: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
+        """Scenario records first (to count them), then exactly enough of each mix set; spooled to
+        scratch files and interleaved at random."""
+        spools, counts = [], []
+        spool, n = self._spool(main)
+        spools.append(spool), counts.append(n)
+        targets = mix_targets(n, [r for _, r in self.opts.mix])
+        for (path, share), target in zip(self.opts.mix, targets):
+            before = self.result.read
+            spool, got = self._spool(self._good_records([path], take=target) if target else iter(()))
+            spools.append(spool), counts.append(got)
+            self.result.mixed += got
+            if got < target:
+                self.log(f"--mix {path}: only {got} usable records for the {target} needed for a {share:.1%} share")
+            self.result.mix_report.append({"file": path, "requested_share": share, "target": target, "written": got,
+                                           "read": self.result.read - before})
+        total = sum(counts)
+        for entry, got in zip(self.result.mix_report, counts[1:]):
+            entry["achieved_share"] = round(got / total, 6) if total else 0.0
+            self.log(f"mix: {entry['file']}: {got} records = {entry['achieved_share']:.2%} of the output "
+                     f"(requested {entry['requested_share']:.2%})")
+        streams = [self._unspool(p) for p in spools]
+        return interleave(streams, counts, self.opts.seed)
+
+    def _spool(self, records: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
+        folder = os.path.dirname(os.path.abspath(self.opts.output))
+        fd, path = tempfile.mkstemp(prefix=".mix.", suffix=".tmp", dir=folder)
+        self.scratch.append(path)
+        n = 0
+        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+            for kind, line in records:
+                f.write(orjson.dumps(kind) + b"\t" + line + b"\n")
+                n += 1
+        return path, n
+
+    @staticmethod
+    def _unspool(path: str) -> Iterator[tuple[str, bytes]]:
+        with open(path, "rb") as f:
+            for row in f:
+                kind, line = row.rstrip(b"\n").split(b"\t", 1)
+                yield orjson.loads(kind), line
+
+    # -- writing
+    def _sink(self, records: Iterable[tuple[str, bytes]]) -> None:
+        splitter = make_splitter(self.opts.val_ratio, self.opts.val_size, self.opts.seed)
+        out = self.writers["output"]
+        if splitter is None:
+            for _, line in records:
+                out.write(line)
+                self.result.written += 1
+            return
+        for kind, line in records:
+            self._route(splitter.add(kind, (kind, line)))
+        try:
+            self._route(splitter.finish())
+        except ValueError as e:
+            raise BuildError(str(e)) from None
+
+    def _route(self, routed: Iterable[tuple[bool, tuple[str, bytes]]]) -> None:
+        for to_val, (kind, line) in routed:
+            self.result.written += 1
+            if to_val:
+                self.writers["val"].write(line)
+                self.result.val += 1
+                self.result.val_kinds[kind] += 1
+            else:
+                self.writers["output"].write(line)
+
+
+def _take(iterable: Iterable, n: int) -> Iterator:
+    for i, x in enumerate(iterable):
+        if i >= n:
+            return
+        yield x
+
+
+def _raw_text(raw: Any) -> str:
+    if isinstance(raw, bytes):
+        return raw.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+    return raw.raw
+
+
+def _raw_json(raw: Any) -> bytes:
+    """The record as JSON, as read when possible (it parsed, so the bytes are valid JSON)."""
+    if isinstance(raw, bytes):
+        return raw.strip()
+    if raw.raw_bytes is not None:
+        return raw.raw_bytes.strip()
+    return orjson.dumps(raw.data, default=str)
+
+
+def _mixed_error(output_is_text: bool) -> RecordError:
+    first, this = ("plain-text", "conversation") if output_is_text else ("conversation", "plain-text")
+    return RecordError("mixed_text_and_chat", f"this {this} record cannot go into an output whose first record was "
+                                              f"{first}; build text and chat data into separate files")
+
+
+def _load_tokenizer(spec: Any) -> Any:
+    if spec is None or not isinstance(spec, str):
+        return spec
+    try:
+        from sft.models import load_tokenizer
+    except ImportError as e:
+        raise BuildError(f"--tokenizer {spec}: sft.models.load_tokenizer is not available ({e})") from None
+    try:
+        return load_tokenizer(spec)
+    except Exception as e:  # any loading failure is a user-facing error here
+        raise BuildError(f"--tokenizer {spec}: cannot load it ({e})") from None

@@ -1,0 +1,378 @@
+"""Read raw records from local files or a hub dataset, streaming, with file + line for every record.
+
+    for rec in iter_raw_records("data/firefly.jsonl.gz"):
+        rec.source, rec.line   # "data/firefly.jsonl.gz", 17
+        rec.data               # the parsed JSON value (usually a dict); None when rec.error is set
+        rec.error              # RecordError("invalid_json" / "invalid_utf8" / "bom", ...) or None
+        rec.raw                # the record's text as read (for rejects files)
+
+Supported: .jsonl/.ndjson, .json (an array, or one object per line), .parquet, and any of them .gz
+compressed; a hub dataset id ("owner/name") when it is not a local path. Memory does not grow with
+the input: JSON lines are read line by line, a JSON array element by element (an incremental splitter,
+below), parquet batch by batch, hub datasets through `datasets`' streaming mode.
+
+A bad record never raises: it comes back with `error` set, so the caller can reject it with its line
+number. Problems with a whole file (missing, unsupported type, hub unreachable) raise SourceError.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Iterable, Iterator
+from urllib.parse import urlparse
+
+import orjson
+
+from sft.conversation import RecordError
+
+BOM = b"\xef\xbb\xbf"
+LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+_CHUNK = 1 << 20
+# A JSON array element larger than this is taken as a broken file (e.g. an unterminated string that
+# would otherwise make us buffer the rest of the file).
+MAX_ELEMENT_BYTES = 256 << 20
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class SourceError(ValueError):
+    """A whole input cannot be read (missing, unsupported, unreachable); the message says the fix."""
+
+
+@dataclass(slots=True)
+class RawRecord:
+    source: str
+    line: int  # 1-based line where the record starts (parquet / hub: 1-based row number)
+    data: Any = None
+    raw_bytes: bytes | None = None  # exact bytes read; None for parquet/hub rows (raw is re-dumped)
+    error: RecordError | None = None
+
+    @property
+    def raw(self) -> str:
+        if self.raw_bytes is None:
+            return orjson.dumps(self.data, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+        return self.raw_bytes.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+
+
+def iter_raw_records(path: str, *, hub_split: str = "train", hub_config: str | None = None) -> Iterator[RawRecord]:
+    """Yield every record of `path` (a local file or a hub dataset id) in order; see the module doc."""
+    path = str(path)
+    if os.path.exists(path):
+        if os.path.isdir(path):
+            raise SourceError(f"{path} is a directory; pass the data files inside it (e.g. {path}/*.jsonl)")
+        yield from _iter_local(path)
+    elif looks_like_hub_id(path):
+        yield from _iter_hub(path, hub_split, hub_config)
+    else:
+        raise SourceError(f"{path}: no such file (and it is not a hub dataset id like 'owner/name'); check the path")
+
+
+def looks_like_hub_id(path: str) -> bool:
+    return bool(_HUB_ID.match(path)) and not local_kind(path)[0] and not os.path.exists(path)
+
+
+def local_kind(path: str) -> tuple[str | None, bool]:
+    """(".jsonl" | ".json" | ".parquet" | None, gzipped?) from the file name."""
+    name = path.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    for suffix in LOCAL_SUFFIXES:
+        if name.endswith(suffix):
+            return (".jsonl" if suffix == ".ndjson" else suffix), gz
+    return None, gz
+
+
+def _iter_local(path: str) -> Iterator[RawRecord]:
+    kind, gz = local_kind(path)
+    if kind is None:
+        raise SourceError(f"{path}: unsupported file type; use .jsonl, .json, .parquet (optionally .gz)")
+    if kind == ".parquet":
+        yield from _iter_parquet(path, gz)
+        return
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        if kind == ".json" and _starts_with_array(f):
+            yield from _iter_json_array(f, path)
+        else:
+            yield from _iter_json_lines(f, path)
+
+
+def _starts_with_array(f: BinaryIO) -> bool:
+    """Peek (without consuming) whether the first non-blank byte is '['."""
+    head = f.peek(4096) if hasattr(f, "peek") else b""
+    head = head[len(BOM):] if head.startswith(BOM) else head
+    return head.lstrip()[:1] == b"["
+
+
+def is_line_based(path: str) -> bool:
+    """True for a local JSON-lines file (.jsonl/.ndjson, or .json holding one object per line), .gz too:
+    files that can be cut into chunks of lines and parsed anywhere (e.g. in worker processes)."""
+    kind, gz = local_kind(path)
+    if not os.path.isfile(path) or kind not in (".jsonl", ".json"):
+        return False
+    if kind == ".jsonl":
+        return True
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        return not _starts_with_array(f)
+
+
+def iter_line_chunks(path: str, chunk_bytes: int = 1 << 21) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, whole lines totalling about `chunk_bytes`) of a line-based file, in order."""
+    _, gz = local_kind(path)
+    first = 1
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        while True:
+            lines = f.readlines(chunk_bytes)
+            if not lines:
+                return
+            yield first, lines
+            first += len(lines)
+
+
+def parse_json_lines(lines: Iterable[bytes], source: str, first_line: int = 1) -> Iterator[RawRecord]:
+    """RawRecords of JSON-lines text; blank lines are skipped, bad lines come back with `error` set."""
+    return _iter_json_lines(lines, source, first_line)
+
+
+def _iter_json_lines(f: Iterable[bytes], source: str, first_line: int = 1) -> Iterator[RawRecord]:
+    loads = orjson.loads
+    for lineno, line in enumerate(f, first_line):
+        try:
+            data = loads(line)
+        except orjson.JSONDecodeError as e:
+            if not line.strip():
+                continue  # blank lines are layout, not records
+            yield RawRecord(source, lineno, None, line, parse_error(line, e))
+            continue
+        yield RawRecord(source, lineno, data, line)
+
+
+def parse_error(text: bytes, exc: Exception) -> RecordError:
+    if text.startswith(BOM):
+        return RecordError("bom", "the record starts with a UTF-8 byte order mark (BOM); re-save the file as "
+                                  "UTF-8 without BOM (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' FILE`)")
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError as u:
+        return RecordError("invalid_utf8", f"byte {u.start} is not valid UTF-8; convert the file to UTF-8 "
+                                           "(e.g. `iconv -f GB18030 -t UTF-8`)")
+    return RecordError("invalid_json", f"not valid JSON ({exc}); fix or remove this record")
+
+
+# A JSON string (escapes included; unrolled so it never backtracks), or one structural byte. A lone '"'
+# matches only when its string is not terminated yet within the buffer.
+_ARRAY_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},"]', re.S)
+
+
+class _LineCounter:
+    """Line number of a buffer position; positions asked for only grow, so counting is incremental."""
+
+    def __init__(self) -> None:
+        self.pos, self.line = 0, 1
+
+    def at(self, buf: bytes, p: int) -> int:
+        self.line += buf.count(b"\n", self.pos, p)
+        self.pos = p
+        return self.line
+
+    def rebase(self, buf: bytes, cut: int) -> None:
+        self.at(buf, cut)
+        self.pos = 0
+
+
+def _iter_json_array(f: BinaryIO, source: str) -> Iterator[RawRecord]:
+    """Split a top-level JSON array into elements without loading the file: track string/nesting
+    state with one regex over a sliding buffer and parse each complete element with orjson."""
+    buf = f.read(_CHUNK)
+    lines = _LineCounter()
+    bom = buf.startswith(BOM)
+    pos = buf.index(b"[") + 1
+    start, depth, emitted, after_comma = pos, 0, 0, False
+    while True:
+        m = _ARRAY_TOKEN.search(buf, pos)
+        unterminated = m is not None and m.end() - m.start() == 1 and buf[m.start()] == 0x22
+        if m is None or unterminated:
+            more = f.read(_CHUNK)
+            if not more or len(buf) - start > MAX_ELEMENT_BYTES:
+                yield _truncated(buf, start, lines, source, emitted, after_comma, bool(more))
+                return
+            lines.rebase(buf, start)
+            resume = (m.start() if unterminated else len(buf)) - start
+            buf, pos, start = buf[start:] + more, resume, 0
+            continue
+        tok = buf[m.start()]
+        pos = m.end()
+        if tok in b"[{":
+            depth += 1
+        elif tok in b"]}" and depth > 0:
+            depth -= 1
+        elif depth == 0 and tok in b",]":
+            elem = buf[start:m.start()]
+            if elem.strip() or tok == 0x2C or after_comma:
+                rec = _array_element(elem, buf, start, lines, source)
+                if bom and emitted == 0:
+                    rec.error, rec.data = parse_error(BOM, ValueError()), None
+                emitted += 1
+                yield rec
+            start, after_comma = pos, tok == 0x2C
+            if tok == 0x5D:  # ']': the array is closed
+                yield from _trailing_data(f, buf, pos, lines, source)
+                return
+
+
+def _array_element(elem: bytes, buf: bytes, start: int, lines: _LineCounter, source: str) -> RawRecord:
+    stripped = elem.lstrip()
+    line = lines.at(buf, start + len(elem) - len(stripped))
+    stripped = stripped.rstrip()
+    if not stripped:
+        return RawRecord(source, line, None, b"", RecordError(
+            "invalid_json", "empty array element (a doubled or trailing comma); remove the extra comma"))
+    try:
+        return RawRecord(source, line, orjson.loads(stripped), stripped)
+    except orjson.JSONDecodeError as e:
+        return RawRecord(source, line, None, stripped, parse_error(stripped, e))
+
+
+def _truncated(buf, start, lines, source, emitted, after_comma, oversized) -> RawRecord:
+    elem = buf[start:]
+    stripped = elem.lstrip()
+    line = lines.at(buf, start + len(elem) - len(stripped))
+    if oversized:
+        why = f"an array element is over {MAX_ELEMENT_BYTES >> 20} MB (probably an unterminated string)"
+    elif stripped.strip():
+        why = "the file ends inside this element: the JSON array is truncated"
+        if _parses(stripped):
+            why = "the file ends after this element without the closing ']': the JSON array is truncated"
+    else:
+        why = f"the file ends before the closing ']' (after {emitted} elements): it may be truncated"
+    return RawRecord(source, line, None, stripped[:4096], RecordError("invalid_json", why + "; re-export the file"))
+
+
+def _parses(text: bytes) -> bool:
+    try:
+        orjson.loads(text)
+        return True
+    except orjson.JSONDecodeError:
+        return False
+
+
+def _trailing_data(f: BinaryIO, buf: bytes, pos: int, lines: _LineCounter, source: str) -> Iterator[RawRecord]:
+    rest = buf[pos:]
+    while not rest.strip():
+        more = f.read(_CHUNK)
+        if not more:
+            return
+        lines.rebase(buf, len(buf))
+        buf, pos, rest = more, 0, more
+    lead = len(rest) - len(rest.lstrip())
+    yield RawRecord(source, lines.at(buf, pos + lead), None, rest.strip()[:4096],
+                    RecordError("invalid_json", "data after the closing ']' of the JSON array; remove it"))
+
+
+def _iter_parquet(path: str, gz: bool) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    if not gz:
+        yield from _parquet_rows(pq, path, path)
+        return
+    # Parquet needs random access: decompress to a temporary file (disk, not memory).
+    with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
+        with gzip.open(path, "rb") as src:
+            shutil.copyfileobj(src, tmp, _CHUNK)
+        tmp.flush()
+        yield from _parquet_rows(pq, tmp.name, path)
+
+
+def _parquet_rows(pq, real_path: str, source: str) -> Iterator[RawRecord]:
+    try:
+        pfile = pq.ParquetFile(real_path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise SourceError(f"{source}: cannot read as parquet ({e}); check the file is complete") from e
+    row = 0
+    for batch in pfile.iter_batches(batch_size=4096):
+        for data in batch.to_pylist():
+            row += 1
+            yield RawRecord(source, row, data)
+
+
+def _offline_error(name: str, why: str) -> SourceError:
+    return SourceError(
+        f"cannot stream hub dataset '{name}': this machine is offline or cannot reach the Hugging Face Hub "
+        f"({why}); download the data on a connected machine and pass the local .jsonl/.json/.parquet file instead")
+
+
+def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
+    """Fail fast (instead of datasets' retries) when the hub endpoint cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return  # the user asked for the local cache: let datasets try it
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise _offline_error(name, f"{url.hostname}:{port}: {e}") from e
+
+
+def _iter_hub(name: str, split: str, config: str | None) -> Iterator[RawRecord]:
+    check_hub_reachable(name)
+    import datasets
+
+    source = f"hub:{name}"
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except (ConnectionError, TimeoutError) as e:
+        raise _offline_error(name, str(e)) from e
+    except Exception as e:  # not found, gated, bad config/split: datasets' own message says which
+        raise SourceError(f"cannot load hub dataset '{name}' (split {split!r}): {e}") from e
+    try:
+        for row, data in enumerate(ds, 1):
+            yield RawRecord(source, row, data)
+    except (ConnectionError, TimeoutError) as e:
+        raise _offline_error(name, str(e)) from e
+
+
+@dataclass
+class Source:
+    """One input file (or hub id) with its mixing weight."""
+
+    path: str
+    weight: float | None = None
+    fmt: str = "auto"
+
+
+def parse_sources(specs: list[str], fmt: str = "auto") -> list[Source]:
+    """`["a.jsonl", "b.jsonl:0.3"]` -> Sources. A weight is given for all files or for none."""
+    sources = []
+    for spec in specs:
+        path, weight = split_weight(spec)
+        if weight is not None and weight <= 0:
+            raise ValueError(f"--data {spec}: the mixing weight must be > 0")
+        if not os.path.exists(path) and not looks_like_hub_id(path):
+            raise FileNotFoundError(f"--data {spec}: file {path} not found")
+        sources.append(Source(path=path, weight=weight, fmt=fmt))
+    weighted = [s.weight is not None for s in sources]
+    if any(weighted) and not all(weighted):
+        raise ValueError("--data: give a :WEIGHT for every file or for none (e.g. a.jsonl:0.8 b.jsonl:0.2)")
+    return sources
+
+
+def split_weight(spec: str) -> tuple[str, float | None]:
+    """`"b.jsonl:0.3"` -> ("b.jsonl", 0.3); a spec without a numeric :WEIGHT -> (spec, None)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and _is_number(tail):
+        return head, float(tail)
+    return spec, None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+

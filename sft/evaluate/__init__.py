@@ -1,0 +1,1 @@
+"""Stage: checkpoints -> scores, answers, reports (hf_sft_eval.py)."""

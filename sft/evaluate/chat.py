@@ -1,0 +1,220 @@
+"""`hf_sft_eval.py chat`: talk to a trained model (streamed, multi-turn).
+
+    python hf_sft_eval.py chat --model outputs/demo                # streamed, multi-turn; /reset /system /exit
+
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Iterator, TextIO
+
+import torch
+
+from sft.conversation import Conversation, Message
+from sft.evaluate.inference import (
+    Generated,
+    GenerationOptions,
+    decode_generated,
+    load_for_inference,
+    prompt_ids,
+    stop_token_ids,
+)
+from sft.tokens.template import TEMPLATES
+
+logger = logging.getLogger(__name__)
+
+CHAT_HELP = "commands: /reset clears the history, /system TEXT sets the system prompt (and resets), /exit quits"
+PROMPT_KEYS = ("prompt", "system", "id", "reference")  # what a {"prompt": ...} record means itself
+OUTPUT_KEYS = ("index", "id", "prompt", "answer", "num_tokens", "stopped", "reference")
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--model", required=True, help="model folder, built-in name, hub id or adapter folder")
+    parser.add_argument("--base_model", default=None, help="base model of an adapter (when its recorded base moved)")
+    parser.add_argument("--template", default="auto", choices=TEMPLATES, help="chat template (as in training)")
+    parser.add_argument("--system_prompt", default=None, help="system prompt text or a preset name (qwen, firefly)")
+    parser.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=GenerationOptions.temperature,
+                        help="sampling temperature (with --do_sample)")
+    parser.add_argument("--top_p", type=float, default=GenerationOptions.top_p,
+                        help="nucleus sampling mass (with --do_sample)")
+    parser.add_argument("--seed", type=int, default=GenerationOptions.seed, help="random seed for sampling")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    problems = [f"--{name} must be at least 1 (got {getattr(args, name)})"
+                for name in ("max_new_tokens", "batch_size", "threads")
+                if getattr(args, name, None) is not None and getattr(args, name) < 1]
+    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
+        problems.append("with --do_sample, --temperature must be > 0 and --top_p in (0, 1]")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _generation_options(args: argparse.Namespace) -> GenerationOptions:
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                             temperature=args.temperature, top_p=args.top_p,
+                             batch_size=getattr(args, "batch_size", 1), seed=args.seed)
+
+
+# ----------------------------------------------------------------------------------------- chat
+
+
+@dataclass
+class ChatSession:
+    """What a chat's next prompt is built from: the turns so far and the prompt settings."""
+
+    tokenizer: Any
+    template: str = "auto"
+    system_prompt: str | None = None
+    max_positions: int = 32768  # the model's context; the oldest turns are dropped to stay inside it
+    max_new_tokens: int = 512
+    history: list[Message] = field(default_factory=list)  # user, assistant, user, assistant, ...
+    dropped_turns: int = 0
+
+
+def chat_prompt(session: ChatSession, user_text: str) -> tuple[list[int], int]:
+    """(prompt ids for history + `user_text`, new-token budget), dropping the oldest turns that do not fit.
+
+    The budget is --max_new_tokens, cut to what is left of the context when even the new turn alone
+    would not leave room for it.
+    """
+    while True:
+        conv = Conversation([*session.history, Message("user", user_text)])
+        ids = prompt_ids(conv, session.tokenizer, session.template, session.system_prompt)
+        if len(ids) + session.max_new_tokens <= session.max_positions or not session.history:
+            break
+        if session.dropped_turns == 0:
+            logger.warning("the chat is longer than the model's %d positions: dropping the oldest turns "
+                           "(said once; /reset starts afresh)", session.max_positions)
+        del session.history[:2]  # one user turn and its answer
+        session.dropped_turns += 1
+    room = session.max_positions - len(ids)
+    if room < 1:
+        raise ValueError(f"that message is {len(ids)} tokens with the template, more than the model's "
+                         f"{session.max_positions} positions; send a shorter one")
+    return ids, min(session.max_new_tokens, room)
+
+
+def chat_command(session: ChatSession, line: str) -> str | None:
+    """Apply a /command to the session and return its confirmation; None for a line that is a message."""
+    command, _, rest = line.partition(" ")
+    if command == "/reset":
+        session.history.clear()
+        return "(history cleared)"
+    if command == "/system":
+        session.system_prompt = rest.strip() or None
+        session.history.clear()
+        shown = "the template's default" if session.system_prompt is None else repr(session.system_prompt)
+        return f"(system prompt set to {shown}; history cleared)"
+    if command[:1] == "/" and command[1:].isalpha():  # "/usr/bin ..." is a message, "/rest" a typo
+        return f"(unknown command {command}; {CHAT_HELP})"
+    return None
+
+
+def _streamer(tokenizer, out: TextIO):
+    """A TextStreamer (prompt skipped) that writes to `out`; TextStreamer itself always prints to stdout."""
+    from transformers import TextStreamer
+
+    def write(text: str, stream_end: bool = False) -> None:
+        out.write(text + ("\n" if stream_end else ""))
+        out.flush()
+
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer.on_finalized_text = write  # type: ignore[method-assign]
+    return streamer
+
+
+@torch.inference_mode()
+def stream_reply(model, tokenizer, ids: list[int], options: GenerationOptions, out: TextIO) -> Generated:
+    """Generate one answer for one prompt (KV cache, no padding), writing its text to `out` as it comes."""
+    stops = stop_token_ids(tokenizer)
+    sampling = dict(temperature=options.temperature, top_p=options.top_p) if options.do_sample else {}
+    input_ids = torch.tensor([ids], device=model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                            max_new_tokens=options.max_new_tokens, do_sample=options.do_sample,
+                            eos_token_id=stops, pad_token_id=pad, use_cache=True, top_k=None,
+                            streamer=_streamer(tokenizer, out), **sampling)
+    return decode_generated(output[0, len(ids):].tolist(), tokenizer, stops)
+
+
+def run_chat(model, session: ChatSession, options: GenerationOptions, lines: Iterable[str],
+             out: TextIO, notes: TextIO, interactive: bool = False) -> int:
+    """The chat loop over input `lines`: answers go to `out`, confirmations and errors to `notes`."""
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        confirmation = chat_command(session, line)
+        if confirmation is not None:
+            print(confirmation, file=notes, flush=True)
+            continue
+        try:
+            ids, budget = chat_prompt(session, line)
+        except ValueError as err:
+            print(f"error: {err}", file=notes, flush=True)
+            continue
+        if interactive:
+            out.write("Assistant: ")
+        try:
+            reply = stream_reply(model, session.tokenizer, ids, replace(options, max_new_tokens=budget), out)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            print("\n(interrupted; this turn is not kept)", file=notes, flush=True)
+            continue
+        if reply.text:  # an empty answer would render as an empty assistant turn: keep neither side
+            session.history += [Message("user", line), Message("assistant", reply.text)]
+    return 0
+
+
+def _terminal_lines(prompt: str) -> Iterator[str]:
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+
+
+def _max_positions(model, tokenizer) -> int:
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**7]  # tokenizers say 1e30 for "unknown"
+    return min(limits) if limits else 2048
+
+
+def chat_main(argv: list[str]) -> int:
+    """Interactive chat with a trained model; scriptable when stdin is not a terminal (answers only)."""
+    args = _parser("hf_sft_eval.py chat", "Chat with a trained model (answers are streamed).").parse_args(argv)
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_for_inference(args.model, base_model=args.base_model)
+    options = _generation_options(args)
+    session = ChatSession(tokenizer, args.template, args.system_prompt, _max_positions(model, tokenizer),
+                          args.max_new_tokens)
+    chat_prompt(session, "hi")  # a template that cannot render this model's chats fails now, not mid-chat
+    if args.do_sample:
+        torch.manual_seed(args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {args.model}. {CHAT_HELP}; Ctrl-D also quits.", flush=True)
+    lines = _terminal_lines("User: ") if interactive else sys.stdin
+    return run_chat(model, session, options, lines, sys.stdout, sys.stdout if interactive else sys.stderr,
+                    interactive)
+
+
+# ---------------------------------------------------------------------------------------- batch
+
+

@@ -1,0 +1,407 @@
+"""Evaluate a run's checkpoints (and its base model, as step 0) once each, on the CPU.
+
+    setup = EvalSetup.from_run("outputs/demo", overrides)       # the run's own template, data, masking
+    evaluate_run(setup, watch=True)                              # RUN/eval/{metrics.jsonl, predictions-*.jsonl, ...}
+
+What was evaluated is what `eval/metrics.jsonl` holds (one line per step, appended when done), so a
+restarted evaluator continues where it stopped. Only checkpoints with the trainer's COMPLETE marker
+are read, and a checkpoint deleted by rotation while it is being read is logged and skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from sft.conversation import Conversation
+from sft.data.sources import split_weight
+from sft.evaluate.inference import (
+    Generated,
+    GenerationOptions,
+    generate_answers,
+    is_adapter_dir,
+    load_for_inference,
+    prompt_ids,
+    read_prompt_records,
+)
+from sft.models import load_model
+from sft.tokens.encoding import EncodeOptions
+from sft.tokens.evalset import build_eval_batches, read_conversations
+from sft.tokens.stream import StreamOptions
+from sft.train.checkpoints import (
+    CHECKPOINT_RE,
+    COMPLETE_MARKER,
+    RUN_END_NAME,
+    write_text_atomic,
+)
+from sft.train.loss import loss_model_kwargs, make_loss_func
+
+logger = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+METRICS_NAME = "metrics.jsonl"
+ERRORS_NAME = "errors.jsonl"
+BASE_STEP = 0
+
+
+@dataclass
+class PromptItem:
+    id: str
+    conversation: Conversation
+    reference: str | None
+    check: dict | None
+    kind: str
+
+
+@dataclass
+class EvalSetup:
+    run_dir: Path
+    base_model: str
+    encode: EncodeOptions
+    val: list[tuple[str, Conversation]]
+    prompts: list[PromptItem]
+    general: list[PromptItem]
+    generation: GenerationOptions
+    eval_batch_size: int = 8
+    include_base: bool = True
+    poll_seconds: float = 10.0
+    sources: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.run_dir / EVAL_DIR
+
+    @classmethod
+    def from_run(cls, run_dir: str, overrides: dict[str, Any]) -> "EvalSetup":
+        """Read RUN/sft_config.yaml (written by hf_sft.py) and apply the evaluator's flags."""
+        run = Path(run_dir)
+        config_path = run / "sft_config.yaml"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: --run must be an hf_sft.py output folder "
+                                    "(it writes sft_config.yaml at start)")
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        pick = lambda key, default=None: overrides.get(key) if overrides.get(key) is not None else config.get(key, default)  # noqa: E731
+        encode = EncodeOptions(template=pick("template", "auto"), system_prompt=pick("system_prompt"),
+                               max_length=pick("max_length", 1024),
+                               train_on_prompt=bool(config.get("train_on_prompt", False)),
+                               last_turn_only=bool(config.get("last_turn_only", False)))
+        val_file, val_size = pick("val_data"), int(config.get("val_size") or 0)
+        data = config.get("data") or []
+        if val_file:
+            val = list(read_conversations(_resolve(val_file, run)))
+        elif val_size and data:
+            first = split_weight(str(data[0]))[0]
+            val = list(read_conversations(_resolve(first, run), limit=val_size))
+            val_file = f"{first} (first {val_size} records)"
+        else:
+            val = []
+        limit = overrides.get("num_val")
+        if limit is not None:
+            val = val[:limit]
+        prompts_file = pick("eval_prompts")
+        if prompts_file:
+            prompts = read_prompt_items(_resolve(prompts_file, run))
+        else:
+            prompts = [_val_prompt(i, conv) for i, conv in val]
+            prompts = [p for p in prompts if p is not None]
+        prompts = prompts[:overrides.get("num_prompts") or len(prompts)]
+        general_file = pick("general_eval")
+        general = read_prompt_items(_resolve(general_file, run), default_kind="general") if general_file else []
+        return cls(run_dir=run, base_model=overrides.get("base_model") or config.get("model", ""),
+                   encode=encode, val=val, prompts=prompts, general=general,
+                   generation=overrides.get("generation") or GenerationOptions(),
+                   eval_batch_size=overrides.get("eval_batch_size") or config.get("per_device_eval_batch_size") or 8,
+                   include_base=overrides.get("include_base", True),
+                   poll_seconds=overrides.get("poll_seconds") or 10.0,
+                   sources={"val": val_file, "prompts": prompts_file or (val_file and f"{val_file} (prompts)"),
+                            "general": general_file})
+
+
+def _resolve(path: str, run: Path) -> str:
+    """Paths in sft_config.yaml are relative to where training ran: try there, then the run's parent folders."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    for parent in [run, *run.resolve().parents]:
+        if (parent / path).exists():
+            return str(parent / path)
+    return path  # the reader's error names it
+
+
+def read_prompt_items(path: str, default_kind: str = "prompt") -> list[PromptItem]:
+    """Eval prompts: {"prompt", "reference"?, "check"?, "kind"?, "system"?} or training-format records."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path} not found")
+    items = []
+    for where, record, conv, reference in read_prompt_records(path):
+        check = record.get("check")
+        if check is not None and not isinstance(check, dict):
+            raise ValueError(f"{where}: \"check\" must be an object such as {{\"contains\": [\"Paris\"]}}")
+        items.append(PromptItem(str(record.get("id", os.path.basename(where))), conv, reference, check,
+                                str(record.get("kind", default_kind))))
+    return items
+
+
+def _val_prompt(sample_id: str, conv: Conversation) -> PromptItem | None:
+    if len(conv.messages) < 2 or conv.messages[-1].role != "assistant":
+        return None
+    history = Conversation(conv.messages[:-1], system=conv.system, tools=conv.tools)
+    return PromptItem(sample_id, history, conv.messages[-1].content, None, str(conv.meta.get("kind", "val")))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+@dataclass(frozen=True)
+class Target:
+    step: int
+    path: str  # model folder, adapter folder or the base model name
+    label: str  # "base", "checkpoint-40", "final"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Target]:
+    """checkpoint-N folders whose COMPLETE marker exists (written last by the trainer), by step."""
+    found = []
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            match = CHECKPOINT_RE.match(child.name)
+            if match and (child / COMPLETE_MARKER).is_file():
+                found.append(Target(int(match.group(1)), str(child), child.name))
+    return sorted(found, key=lambda t: t.step)
+
+
+def run_end(run_dir: Path) -> dict | None:
+    path = run_dir / RUN_END_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def final_target(run_dir: Path, end: dict | None) -> Target | None:
+    """The run's final model (in run_dir itself), at the step run_end.json records."""
+    if not end or not end.get("final_model") or end.get("global_step") is None:
+        return None
+    return Target(int(end["global_step"]), str(run_dir), "final")
+
+
+def read_done(eval_dir: Path) -> dict[int, dict]:
+    """Evaluated steps -> their metrics line. A line cut by a crash mid-write is ignored (redone)."""
+    done: dict[int, dict] = {}
+    path = eval_dir / METRICS_NAME
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                done[int(record["step"])] = record
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return done
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+class ModelCache:
+    """Keeps the last base model so that adapter checkpoints of one run do not reload it each time."""
+
+    def __init__(self):
+        self.base_path: str | None = None
+        self.base = None
+
+    def load(self, path: str, base_model: str):
+        """(model, tokenizer, kind) for a full checkpoint, an adapter checkpoint, or a model name.
+
+        An adapter goes on the base it names (full_then_lora: `full_phase/`), else on the run's model.
+        """
+        kind = "adapter" if is_adapter_dir(path) else "full"
+        model, tokenizer = load_for_inference(path, fallback_base=base_model, load_base=self._base)
+        return model, tokenizer, kind
+
+    def release(self, model) -> None:
+        """Strip a PEFT wrapper off the cached base (the base weights are unchanged by LoRA)."""
+        if hasattr(model, "unload") and self.base is not None:
+            self.base = model.unload()
+
+    def _base(self, base_path: str):
+        if self.base_path != base_path:
+            self.base, self.base_path = load_model(base_path, dtype="float32"), base_path
+        return self.base
+
+
+# ------------------------------------------------------------------------------------- scoring
+
+
+def masked_loss_sum(model, batches: list[dict]) -> tuple[float, int]:
+    """(summed cross-entropy, supervised tokens) over padded batches, with the training loss code (sft.train.loss)."""
+    loss_sum = make_loss_func(model)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            labels = batch["labels"]
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                            **loss_model_kwargs())
+            total += float(loss_sum(outputs, labels, num_items_in_batch=1))  # denominator 1: a sum
+            count += int((labels[:, 1:] != -100).sum())
+    return total, count
+
+
+def validation_loss(model, tokenizer, setup: EvalSetup) -> dict[str, float]:
+    """Token-weighted mean loss over the validation set with the training encoding and masking."""
+    if not setup.val:
+        return {}
+    batches = build_eval_batches(setup.val, tokenizer, setup.encode, StreamOptions(batch_size=setup.eval_batch_size))
+    total, count = masked_loss_sum(model, batches)
+    if count == 0:
+        return {}
+    loss = total / count
+    return {"eval_loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4),
+            "eval_tokens": count, "eval_samples": sum(len(b["input_ids"]) for b in batches)}
+
+
+def generate_for(items: list[PromptItem], model, tokenizer, setup: EvalSetup) -> list[Generated]:
+    prompts = [prompt_ids(item.conversation, tokenizer, setup.encode.template, setup.encode.system_prompt)
+               for item in items]
+    return generate_answers(model, tokenizer, prompts, setup.generation)
+
+
+def score_items(items: list[PromptItem], answers: list[Generated]) -> tuple[list[dict], dict]:
+    """Per-prompt rows (prompt, reference, prediction, scores) and their aggregate (sft.evaluate.metrics)."""
+    from sft.evaluate.metrics import aggregate, score_prediction
+
+    scores = [score_prediction(a.text, item.reference, item.check) for item, a in zip(items, answers)]
+    rows = [{"id": item.id, "kind": item.kind, "prompt": item.conversation.messages[-1].content,
+             "reference": item.reference, "prediction": a.text, "num_tokens": a.num_tokens, "stopped": a.stopped,
+             **score} for item, a, score in zip(items, answers, scores)]
+    return rows, (aggregate(scores, [item.kind for item in items]) if scores else {})
+
+
+def evaluate_target(target: Target, setup: EvalSetup, cache: ModelCache) -> dict:
+    """Score one model; writes eval/predictions-STEP.jsonl and returns the metrics.jsonl record."""
+    started = time.time()
+    model, tokenizer, kind = cache.load(target.path, setup.base_model)
+    try:
+        record: dict[str, Any] = {"step": target.step, "checkpoint": target.label, "model_kind": kind}
+        record.update(validation_loss(model, tokenizer, setup))
+        gen_started, gen_tokens, predictions = time.time(), 0, []
+        if setup.prompts:
+            answers = generate_for(setup.prompts, model, tokenizer, setup)
+            rows, summary = score_items(setup.prompts, answers)
+            record.update(summary)
+            predictions += [{"set": "prompts", **row} for row in rows]
+            gen_tokens += sum(a.num_tokens for a in answers)
+        if setup.general:
+            answers = generate_for(setup.general, model, tokenizer, setup)
+            rows, summary = score_items(setup.general, answers)
+            record.update({f"general/{key}": value for key, value in summary.items()})
+            predictions += [{"set": "general", **row} for row in rows]
+            gen_tokens += sum(a.num_tokens for a in answers)
+    finally:
+        cache.release(model)
+    gen_seconds = time.time() - gen_started
+    if gen_tokens:
+        record["generation_tokens_per_second"] = round(gen_tokens / max(gen_seconds, 1e-9), 1)
+    record["eval_seconds"] = round(time.time() - started, 1)
+    record["time"] = round(time.time(), 3)
+    _write_predictions(setup.eval_dir / f"predictions-{target.step}.jsonl", predictions)
+    return record
+
+
+def _write_predictions(path: Path, rows: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+# ----------------------------------------------------------------------------------------- loop
+
+
+def pending_targets(setup: EvalSetup, done: dict[int, dict], skipped: set[str]) -> list[Target]:
+    targets = [Target(BASE_STEP, setup.base_model, "base")] if setup.include_base and setup.base_model else []
+    targets += complete_checkpoints(setup.run_dir)
+    final = final_target(setup.run_dir, run_end(setup.run_dir))
+    if final is not None and all(t.step != final.step for t in targets):
+        targets.append(final)
+    return [t for t in targets if t.step not in done and t.path not in skipped]
+
+
+def evaluate_run(setup: EvalSetup, watch: bool = False, on_record: Callable[[dict], None] | None = None,
+                 max_idle_seconds: float | None = None) -> list[dict]:
+    """Evaluate every pending target once; with watch, keep polling until the run has ended.
+
+    Returns the records evaluated by this call. on_record runs after each (report/plot refresh).
+    """
+    setup.eval_dir.mkdir(parents=True, exist_ok=True)
+    cache, skipped, new = ModelCache(), set(), []
+    idle_since = time.time()
+    while True:
+        done = read_done(setup.eval_dir)
+        ended = run_end(setup.run_dir) is not None  # read BEFORE listing: a checkpoint saved last is still seen
+        pending = pending_targets(setup, done, skipped)
+        for target in pending:
+            record = _evaluate_or_skip(target, setup, cache, skipped)
+            if record is None:
+                continue
+            if target.step != BASE_STEP:
+                record.update(forgetting_delta(record, done.get(BASE_STEP)))
+            append_jsonl(setup.eval_dir / METRICS_NAME, record)
+            new.append(record)
+            done[target.step] = record
+            logger.info("evaluated %s (step %d) in %.1fs: %s", target.label, target.step, record["eval_seconds"],
+                        _headline(record))
+            if on_record:
+                on_record(record)
+        if pending:
+            idle_since = time.time()
+        if not watch or (ended and not pending_targets(setup, done, skipped)):
+            return new
+        if max_idle_seconds is not None and time.time() - idle_since > max_idle_seconds:
+            logger.warning("no new checkpoint for %.0fs and the run has not ended: stopping the watch", max_idle_seconds)
+            return new
+        time.sleep(setup.poll_seconds)
+
+
+def _evaluate_or_skip(target: Target, setup: EvalSetup, cache: ModelCache, skipped: set[str]) -> dict | None:
+    """Evaluate, or log and skip a checkpoint that rotation deleted while we were reading it."""
+    try:
+        return evaluate_target(target, setup, cache)
+    except Exception as err:
+        gone = target.label.startswith("checkpoint-") and not (Path(target.path) / COMPLETE_MARKER).is_file()
+        skipped.add(target.path)
+        if gone:
+            logger.warning("%s was deleted (checkpoint rotation) while being evaluated; skipped", target.label)
+            return None
+        logger.error("evaluating %s failed: %s: %s", target.label, type(err).__name__, err)
+        append_jsonl(setup.eval_dir / ERRORS_NAME, {"step": target.step, "checkpoint": target.label,
+                                                     "error": f"{type(err).__name__}: {err}", "time": time.time()})
+        if target.step == BASE_STEP or os.environ.get("SFT_DEBUG"):
+            raise
+        return None
+
+
+FORGETTING_KEYS = ("general/pass_rate", "general/rouge-l", "general/bleu-4")
+
+
+def forgetting_delta(record: dict, base: dict | None) -> dict:
+    """Change of the general-ability scores against the base model (negative: forgotten)."""
+    if not base:
+        return {}
+    return {f"{key}_delta": round(record[key] - base[key], 4) for key in FORGETTING_KEYS
+            if isinstance(record.get(key), (int, float)) and isinstance(base.get(key), (int, float))}
+
+
+def _headline(record: dict) -> str:
+    keys = ("eval_loss", "pass_rate", "rouge-l", "bleu-4", "general/pass_rate")
+    return ", ".join(f"{k}={record[k]}" for k in keys if k in record)

@@ -1,0 +1,1 @@
+"""Stage: canonical conversations -> token ids + labels -> micro-batches (the training stream)."""

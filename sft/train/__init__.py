@@ -1,0 +1,1 @@
+"""Stage: micro-batches -> HF Trainer -> checkpoints (hf_sft.py)."""

@@ -1,0 +1,135 @@
+"""Checkpoint contract (what a side-process evaluator may rely on):
+  * `<output_dir>/checkpoint-N/` is finished when `checkpoint-N/COMPLETE` exists. COMPLETE is
+    written last (after the weights or adapter, tokenizer with chat template, trainer state,
+    optimizer/RNG state and `data_state.json`), atomically (temp file + os.replace), and holds
+    `{"step": N, "time": <unix seconds>}`. Never load a checkpoint without it: it may be half-written
+    or left over from a crash. `latest_complete_checkpoint(output_dir)` applies this rule.
+  * Rotation (`save_total_limit`) may delete ANY older checkpoint at any time, also one that the
+    evaluator is reading. The evaluator must tolerate this: treat FileNotFoundError/OSError while
+    loading as "checkpoint gone, skip it" (files it has already opened stay readable on POSIX).
+  * When training writes a checkpoint-N folder that already exists (a restarted run reaching the
+    same step), COMPLETE is removed before the Trainer starts overwriting it.
+  * Data position: `checkpoint-N/data_state.json` (one process) or `data_state-rank{r}.json` (several);
+    read it back with `read_data_state`.
+  * When the run is over (finished, stopped by a signal, or failed), `<output_dir>/run_end.json` is
+    written last: a watching evaluator exits once it exists and nothing is pending.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import TrainerCallback
+
+from sft.files import write_json_atomic
+
+COMPLETE_MARKER = "COMPLETE"
+DATA_STATE_NAME = "data_state.json"
+RUN_END_NAME = "run_end.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint-N with the highest N that has a COMPLETE marker (for --resume_from_checkpoint auto)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for child in root.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and is_complete_checkpoint(child):
+            found.append((int(match.group(1)), child))
+    return str(max(found)[1]) if found else None
+
+
+def write_run_end(output_dir: str | os.PathLike, status: str, message: str = "",
+                  final_model: str | os.PathLike | None = None, global_step: int | None = None) -> None:
+    """Mark the run as over (finished / stopped / failed) for a watching evaluator; written last.
+
+    final_model and global_step say which model output_dir itself holds, and at which step.
+    """
+    latest = latest_complete_checkpoint(output_dir)
+    write_json_atomic(Path(output_dir) / RUN_END_NAME, {
+        "status": status, "message": message, "time": round(time.time(), 3),
+        "last_checkpoint": os.path.basename(latest) if latest else None,
+        "final_model": str(final_model) if final_model else None, "global_step": global_step,
+    })
+
+
+def clear_run_end(output_dir: str | os.PathLike) -> None:
+    (Path(output_dir) / RUN_END_NAME).unlink(missing_ok=True)
+
+
+def data_state_name(rank: int, world_size: int) -> str:
+    return DATA_STATE_NAME if world_size <= 1 else f"data_state-rank{rank}.json"
+
+
+def read_data_state(checkpoint: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Any:
+    """The value `data_state_fn` returned when `checkpoint` was saved, for this process."""
+    path = Path(checkpoint) / data_state_name(rank, world_size)
+    if not path.is_file():
+        written = sorted(p.name for p in Path(checkpoint).glob("data_state*.json"))
+        raise FileNotFoundError(
+            f"{path} not found (checkpoint has {written or 'no data state'}); resume with the same number "
+            f"of processes ({world_size} now) or restart the data from the beginning")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class CompletionMarkerCallback(TrainerCallback):
+    """After each save: write the data position, wait for every process, then COMPLETE last."""
+
+    def __init__(self, data_state_fn: Callable[[int], Any] | None = None):
+        self.data_state_fn = data_state_fn
+
+    def _checkpoint_dir(self, args, state) -> Path:
+        return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+    def _unmark_before_overwrite(self, args, state, control) -> None:
+        if control.should_save and args.should_save:
+            (self._checkpoint_dir(args, state) / COMPLETE_MARKER).unlink(missing_ok=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._unmark_before_overwrite(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._unmark_before_overwrite(args, state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = self._checkpoint_dir(args, state)
+        if self.data_state_fn is not None:
+            value = self.data_state_fn(state.global_step)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(folder / data_state_name(args.process_index, args.world_size), value)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's shards and data state are on disk
+        if args.should_save:
+            write_json_atomic(folder / COMPLETE_MARKER, {"step": state.global_step, "time": round(time.time(), 3)})
+
+
+def checkpoint_args_overrides(has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments for "keep the last K checkpoints plus the best by validation loss".
+
+    Checked on transformers 5.23: with metric_for_best_model="eval_loss" the Trainer records
+    state.best_model_checkpoint at each save whose step was also evaluated (no need for
+    load_best_model_at_end), and rotate_checkpoints never deletes it nor the newest checkpoint.
+    save_total_limit counts the best one, so set save_total_limit = K + 1 for K recent ones, and
+    make save_steps a multiple of eval_steps (a step saved but not evaluated cannot become "best").
+    """
+    if not has_eval:
+        return {"save_strategy": "steps", "metric_for_best_model": None, "load_best_model_at_end": False}
+    return {
+        "save_strategy": "steps",
+        "eval_strategy": "steps",
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "load_best_model_at_end": False,
+    }

@@ -1,0 +1,279 @@
+"""Fine-tuning methods: which parameters train, and how the result is saved.
+
+    full            every parameter trains
+    freeze          only the last N decoder layers (optionally the embeddings too)
+    lora / dora     PEFT low-rank adapters on the chosen linear layers (DoRA adds a magnitude vector)
+    qlora           LoRA on a 4-bit (NF4, bitsandbytes) base model: CUDA only
+    prompt_tuning   PEFT soft prompt of N virtual tokens; the model itself is frozen
+    full_then_lora  full fine-tuning for the first `full_ratio` of steps, then LoRA (see sft/hybrid.py)
+
+The Trainer wiring calls, in order:
+
+    model = load_model_for_method(model_args, method_args, training_args)
+    model = prepare_model(model, method_args, training_args)
+    ... train (or sft.train.hybrid.run_full_then_lora for full_then_lora) ...
+    save_final(model, tokenizer, output_dir, method_args)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sft.models import load_model
+from sft.train.export import merge_adapter
+
+logger = logging.getLogger(__name__)
+
+LORA_FAMILY = ("lora", "dora", "qlora", "full_then_lora")
+PEFT_METHODS = ("lora", "dora", "qlora", "prompt_tuning")
+MERGED_DIR = "merged"
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_model_for_method(model_args, method_args, training_args):
+    """Load the base model for a method; QLoRA loads it in 4-bit NF4 and needs a CUDA GPU."""
+    kwargs: dict[str, Any] = {}
+    dtype = "float32"
+    if method_args.finetuning_type == "qlora":
+        kwargs["quantization_config"] = _qlora_quantization_config(training_args)
+        # 4-bit weights are placed at load time: each process on its own GPU.
+        kwargs["device_map"] = {"": int(getattr(training_args, "local_process_index", 0) or 0)}
+        # 4-bit weights are de-quantized to the compute dtype; the rest of the model lives in it too.
+        dtype = _compute_dtype_name(training_args)
+    return load_model(
+        model_args.model,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+        **kwargs,
+    )
+
+
+def _compute_dtype_name(training_args) -> str:
+    if getattr(training_args, "bf16", False):
+        return "bfloat16"
+    if getattr(training_args, "fp16", False):
+        return "float16"
+    return "float32"
+
+
+def _qlora_quantization_config(training_args):
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "--finetuning_type qlora needs a CUDA GPU: bitsandbytes 4-bit (NF4) weights only run on CUDA, and "
+            "no GPU is visible here. On CPU use --finetuning_type lora (same adapter, full-precision base)."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            "--finetuning_type qlora needs the bitsandbytes package on a CUDA GPU: pip install bitsandbytes "
+            "(or use --finetuning_type lora)."
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, _compute_dtype_name(training_args)),
+    )
+
+
+# ---------------------------------------------------------------------------------- preparing
+
+
+def prepare_model(model, method_args, training_args):
+    """Apply the method: set requires_grad (full/freeze) or wrap with PEFT; print the trainable count.
+
+    full_then_lora starts as full fine-tuning; sft.train.hybrid switches it to LoRA mid-run.
+    """
+    kind = method_args.finetuning_type
+    if method_args.save_merged and kind not in LORA_FAMILY:
+        raise ValueError(
+            f"--save_merged only applies to LoRA-family methods ({', '.join(LORA_FAMILY)}), not "
+            f"--finetuning_type {kind}: "
+            + ("a soft prompt cannot be merged into the weights." if kind == "prompt_tuning"
+               else "full and freeze runs already save full weights.")
+            + " Drop --save_merged."
+        )
+    if kind in ("full", "full_then_lora"):
+        model.requires_grad_(True)
+    elif kind == "freeze":
+        _freeze_all_but_last_layers(model, method_args.freeze_trainable_layers, method_args.freeze_train_embeddings)
+    elif kind in ("lora", "dora", "qlora"):
+        if kind == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(_gradient_checkpointing(training_args))
+            )
+        model = apply_lora(model, method_args, training_args)
+    elif kind == "prompt_tuning":
+        model = _apply_prompt_tuning(model, method_args)
+    else:
+        raise ValueError(f"--finetuning_type {kind!r}: expected one of full, freeze, {', '.join(PEFT_METHODS)}, "
+                         "full_then_lora")
+    log_trainable_parameters(model, kind)
+    return model
+
+
+def apply_lora(model, method_args, training_args):
+    """Wrap `model` in a PEFT LoRA (or DoRA) adapter; base weights are frozen by PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=method_args.lora_rank,
+        lora_alpha=method_args.lora_alpha if method_args.lora_alpha is not None else 2 * method_args.lora_rank,
+        lora_dropout=method_args.lora_dropout,
+        target_modules=parse_lora_target(method_args.lora_target, model),
+        use_rslora=method_args.use_rslora,
+        use_dora=method_args.finetuning_type == "dora",
+        bias="none",
+    )
+    model = get_peft_model(model, config)
+    if _gradient_checkpointing(training_args):
+        # With the base frozen, the first layer's input carries no grad and a checkpointed
+        # (re-entrant) layer would then drop the adapter gradients entirely.
+        model.enable_input_require_grads()
+    return model
+
+
+def parse_lora_target(lora_target: str, model: nn.Module | None = None) -> str | list[str]:
+    """'all-linear' stays as is (PEFT: every linear layer except the output head); else a name list.
+
+    With a model, every listed name must match a module, so a typo fails here, not as a silent no-op.
+    """
+    text = (lora_target or "").strip()
+    if text in ("all-linear", "all"):
+        return "all-linear"
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--lora_target is empty: give 'all-linear' or module names like q_proj,v_proj")
+    if model is not None:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [n for n in names if n not in present]
+        if missing:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(
+                f"--lora_target {lora_target!r}: no module named {', '.join(missing)} in this model. "
+                f"Its linear layers are: {', '.join(linear)} (or use all-linear)."
+            )
+    return names
+
+
+def _apply_prompt_tuning(model, method_args):
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    if method_args.num_virtual_tokens < 1:
+        raise ValueError(f"--num_virtual_tokens {method_args.num_virtual_tokens}: must be >= 1 for prompt_tuning")
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=method_args.num_virtual_tokens,
+        # Starting from real token embeddings converges faster than a random soft prompt.
+        prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+    )
+    return get_peft_model(model, config)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers (the ModuleList as long as config.num_hidden_layers)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and name.endswith(("layers", "h", "blocks")):
+            return module
+    raise ValueError(
+        f"--finetuning_type freeze: could not find the decoder layer list of {type(model).__name__} "
+        f"(a ModuleList of num_hidden_layers={count} modules). Use --finetuning_type lora or full for this model."
+    )
+
+
+def _freeze_all_but_last_layers(model: nn.Module, trainable_layers: int, train_embeddings: bool) -> None:
+    layers = decoder_layers(model)
+    if not 1 <= trainable_layers <= len(layers):
+        raise ValueError(
+            f"--freeze_trainable_layers {trainable_layers}: this model has {len(layers)} layers; "
+            f"choose 1..{len(layers)} (or --finetuning_type full to train everything)."
+        )
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - trainable_layers:]:
+        layer.requires_grad_(True)
+    if train_embeddings:
+        model.get_input_embeddings().requires_grad_(True)
+        output = model.get_output_embeddings()
+        if output is not None:  # the same tensor when embeddings are tied
+            output.requires_grad_(True)
+
+
+def _gradient_checkpointing(training_args) -> bool:
+    return bool(getattr(training_args, "activation_checkpointing", None)
+                or getattr(training_args, "gradient_checkpointing", None))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        n = param.numel()
+        if hasattr(param, "quant_storage") or type(param).__name__ == "Params4bit":
+            n *= 2  # bitsandbytes packs two 4-bit values per stored element
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+def log_trainable_parameters(model: nn.Module, kind: str) -> str:
+    trainable, total = count_parameters(model)
+    line = (f"[{kind}] trainable parameters: {trainable:,} of {total:,} "
+            f"({100.0 * trainable / max(total, 1):.4f}%)")
+    # Printed as well as logged: transformers keeps library INFO logs hidden by default.
+    print(line, flush=True)
+    logger.info(line)
+    return line
+
+
+# ------------------------------------------------------------------------------------- saving
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_final(model, tokenizer, output_dir: str | os.PathLike, method_args) -> Path:
+    """Save the run's result in output_dir, loadable alone.
+
+    PEFT methods: the adapter (adapter_config.json + adapter_model.safetensors) + tokenizer; with
+    --save_merged also full merged weights + tokenizer in output_dir/merged. full/freeze: full weights
+    + tokenizer. The tokenizer carries its chat template, so the folder is ready for inference.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if method_args.save_merged:
+        if not is_peft_model(model) or method_args.finetuning_type == "prompt_tuning":
+            raise ValueError(
+                f"--save_merged needs a LoRA-family run; this model ({type(model).__name__}, --finetuning_type "
+                f"{method_args.finetuning_type}) has no LoRA adapter to merge. Drop --save_merged."
+            )
+        base_config = model.get_base_model().config
+        dtype = str(getattr(base_config, "dtype", None) or "float32").replace("torch.", "")
+        merge_adapter(out, out / MERGED_DIR, tokenizer, dtype=dtype)
+    return out

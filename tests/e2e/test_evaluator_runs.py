@@ -1,0 +1,236 @@
+"""hf_sft_eval.py on real (tiny) training runs: every checkpoint once, never a half-written one,
+restart without redoing work, a watcher beside a running trainer, adapter == merged generations."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import hf_sft_eval  # noqa: E402
+from sft.evaluate import evaluator  # noqa: E402
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+
+
+def _write_data(path: Path, n: int, offset: int = 0) -> None:
+    words = ["alpha", "beta", "gamma", "delta", "你好", "世界", "one", "two"]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(offset, offset + n):
+            q = " ".join(words[(i * 7 + k) % len(words)] for k in range(3 + i % 5))
+            a = " ".join(words[(i * 3 + k) % len(words)] for k in range(2 + i % 4))
+            f.write(json.dumps({"conversations": [{"from": "human", "value": f"q{i} {q}"},
+                                                  {"from": "gpt", "value": a}], "kind": f"k{i % 2}"},
+                               ensure_ascii=False) + "\n")
+
+
+def _write_prompts(path: Path) -> None:
+    rows = [{"prompt": "alpha beta", "reference": "gamma delta", "kind": "echo", "check": {"contains": ["gamma"]}},
+            {"prompt": "你好", "reference": "世界", "kind": "zh"},
+            {"prompt": "one two", "reference": "{\"a\": 1}", "kind": "json", "check": {"json_keys": ["a"]}}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _train_cmd(tmp: Path, out: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "hf_sft.py", "--model", "tiny-qwen2", "--report_to", "none", "--max_length", "64",
+            "--learning_rate", "1e-3", "--warmup_steps", "0", "--precision", "fp32",
+            "--data", str(tmp / "train.jsonl"), "--val_data", str(tmp / "val.jsonl"),
+            "--eval_prompts", str(tmp / "prompts.jsonl"), "--general_eval", str(tmp / "general.jsonl"),
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--shuffle_buffer", "8",
+            "--per_device_eval_batch_size", "8",
+            "--output_dir", str(out), *extra]
+
+
+def _train(tmp: Path, out: Path, extra: list[str]) -> None:
+    result = subprocess.run(_train_cmd(tmp, out, extra), cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _eval_args(out: Path, *extra: str) -> list[str]:
+    return ["--run", str(out), "--max_new_tokens", "6", "--threads", "1", "--nice", "0", *extra]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "eval" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaldata")
+    _write_data(tmp / "train.jsonl", 40)
+    _write_data(tmp / "val.jsonl", 6, offset=100)  # one validation batch: the Trainer's mean equals ours
+    _write_prompts(tmp / "prompts.jsonl")
+    (tmp / "general.jsonl").write_text(json.dumps({"prompt": "q1 alpha", "reference": "beta",
+                                                   "check": {"contains": ["beta"]}}) + "\n")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    _train(data_dir, out, ["--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", "--save_total_limit", "5"])
+    return out
+
+
+def test_evaluates_base_and_every_checkpoint_with_training_masking(full_run):
+    end = json.loads((full_run / "run_end.json").read_text())
+    assert end["status"] == "finished" and end["last_checkpoint"] == "checkpoint-4"
+    assert hf_sft_eval.main(_eval_args(full_run)) == 0
+    records = _metrics(full_run)
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert [r["checkpoint"] for r in records] == ["base", "checkpoint-2", "checkpoint-4"]
+    # Same encoding and masking as training: the evaluator's loss equals the Trainer's eval_loss.
+    logged = {r["step"]: r["eval_loss"] for r in map(json.loads, (full_run / "train_log.jsonl").read_text().splitlines())
+              if "eval_loss" in r}
+    for record in records[1:]:
+        assert record["eval_loss"] == pytest.approx(logged[record["step"]], rel=1e-4)
+    for record in records:
+        assert record["n"] == 3 and record["general/n"] == 1
+        assert 0.0 <= record["pass_rate"] <= 1.0 and "rouge-l" in record and "bleu-4" in record
+        assert record["perplexity"] == pytest.approx(2.718281828 ** record["eval_loss"], rel=1e-3)
+    assert "general/pass_rate_delta" in records[2] and "general/pass_rate_delta" not in records[0]
+    predictions = [json.loads(line) for line in (full_run / "eval" / "predictions-4.jsonl").read_text().splitlines()]
+    assert [(p["set"], p["kind"]) for p in predictions] == [("prompts", "echo"), ("prompts", "zh"),
+                                                            ("prompts", "json"), ("general", "general")]
+    report = (full_run / "eval" / "report.md").read_text()
+    assert "★" in report and "| 4 | checkpoint-4" in report and "## Base model vs" in report
+    for png in ("loss.png", "metrics.png"):
+        assert (full_run / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_restart_does_not_redo_work_and_half_written_checkpoint_is_never_loaded(full_run, monkeypatch):
+    if not (full_run / "eval" / "metrics.jsonl").is_file():
+        assert hf_sft_eval.main(_eval_args(full_run)) == 0
+    before = (full_run / "eval" / "metrics.jsonl").read_text()
+    # A checkpoint the trainer is still writing: no COMPLETE marker, weights cut short.
+    half = full_run / "checkpoint-6"
+    shutil.copytree(full_run / "checkpoint-4", half)
+    (half / "COMPLETE").unlink()
+    weights = half / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    loaded = []
+    original = evaluator.ModelCache.load
+    monkeypatch.setattr(evaluator.ModelCache, "load", lambda self, path, base: loaded.append(path) or original(self, path, base))
+    try:
+        assert hf_sft_eval.main(_eval_args(full_run)) == 0
+    finally:
+        shutil.rmtree(half)
+    assert loaded == []  # nothing redone, the incomplete checkpoint-6 untouched
+    assert (full_run / "eval" / "metrics.jsonl").read_text() == before
+
+
+def test_checkpoint_deleted_while_read_is_skipped(full_run, tmp_path, monkeypatch):
+    run = tmp_path / "copy"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("eval"))
+    original = evaluator.ModelCache.load
+
+    def rotate_during_load(self, path, base):
+        if path.endswith("checkpoint-2"):
+            shutil.rmtree(path)  # what save_total_limit does while we read
+        return original(self, path, base)
+
+    monkeypatch.setattr(evaluator.ModelCache, "load", rotate_during_load)
+    assert hf_sft_eval.main(_eval_args(run, "--no_base")) == 0
+    assert [r["step"] for r in _metrics(run)] == [4]
+    assert not (run / "eval" / "errors.jsonl").exists()
+
+
+def test_watcher_beside_a_running_trainer_evaluates_every_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "live"
+    log = open(tmp_path / "trainer.log", "w")  # a file, not a pipe: nobody reads it while the watcher runs
+    trainer = subprocess.Popen(_train_cmd(data_dir, out, ["--max_steps", "8", "--save_steps", "2", "--eval_steps", "4",
+                                                          "--save_total_limit", "10"]),
+                               cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    # Started together with the trainer: the watcher waits for the run to appear.
+    watcher = subprocess.run([sys.executable, "hf_sft_eval.py", *_eval_args(out, "--watch", "--poll_seconds", "0.5",
+                                                                           "--max_idle_minutes", "5")],
+                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert trainer.wait(timeout=600) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+    log.close()
+    assert watcher.returncode == 0, watcher.stderr[-3000:]
+    assert [r["step"] for r in _metrics(out)] == [0, 2, 4, 6, 8]
+    assert not (out / "eval" / "errors.jsonl").exists()
+    assert "Traceback" not in watcher.stderr
+
+
+def test_adapter_and_merged_generate_the_same(data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sft.conversation import Conversation, Message
+    from sft.evaluate.inference import (
+        GenerationOptions,
+        generate_answers,
+        load_for_inference,
+        prompt_ids,
+    )
+
+    out = tmp_path / "lora"
+    _train(data_dir, out, ["--finetuning_type", "lora", "--learning_rate", "5e-2", "--max_steps", "3",
+                           "--save_steps", "3", "--eval_steps", "3"])
+    assert hf_sft_eval.main(["--run", str(out), "--merge", "--threads", "1", "--nice", "0"]) == 0
+    merged_dir = out / "merged"
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir)  # a plain model: no PEFT needed to load it
+    assert not [name for name, _ in plain.named_parameters() if "lora" in name]
+    assert not (merged_dir / "adapter_config.json").exists()
+
+    options = GenerationOptions(max_new_tokens=8)
+    questions = ["q1 alpha beta", "你好 世界", "two one"]
+    texts = {}
+    for name, path in (("adapter", str(out)), ("merged", str(merged_dir)), ("base", "tiny-qwen2")):
+        model, tokenizer = load_for_inference(path)
+        prompts = [prompt_ids(Conversation([Message("user", q)]), tokenizer) for q in questions]
+        texts[name] = [g.text for g in generate_answers(model, tokenizer, prompts, options)]
+    assert texts["adapter"] == texts["merged"]
+    assert texts["adapter"] != texts["base"]  # the adapter changed something: the comparison is not vacuous
+
+
+def test_lora_run_checkpoints_are_evaluated_as_adapters(data_dir, tmp_path):
+    out = tmp_path / "lora_eval"
+    _train(data_dir, out, ["--finetuning_type", "lora", "--max_steps", "2", "--save_steps", "2", "--eval_steps", "2"])
+    assert hf_sft_eval.main(_eval_args(out)) == 0
+    records = _metrics(out)
+    assert [(r["step"], r["model_kind"]) for r in records] == [(0, "full"), (2, "adapter")]
+
+
+def test_errors_name_the_fix(tmp_path, capsys):
+    assert hf_sft_eval.main(["--run", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert hf_sft_eval.main(["--run", str(tmp_path)]) == 2
+    assert "sft_config.yaml" in capsys.readouterr().err
+
+
+def test_full_then_lora_end_to_end_through_hf_sft_and_the_evaluator(data_dir, tmp_path):
+    """The hybrid on the real stream: one data order across the switch, phase-2 adapters on full_phase/."""
+    out = tmp_path / "hybrid"
+    _train(data_dir, out, ["--finetuning_type", "full_then_lora", "--full_ratio", "0.5", "--max_steps", "4",
+                           "--save_steps", "1", "--eval_steps", "1", "--save_total_limit", "10",
+                           "--log_sample_ids", "true"])
+    steps = [json.loads(line) for line in (out / "sample_ids-rank0.jsonl").read_text().splitlines()]
+    ids = [i for record in steps for i in record["ids"]]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and len(ids) == len(set(ids)) == 8  # no replay at the switch
+    assert (out / "full_phase" / "model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+
+    assert hf_sft_eval.main(_eval_args(out)) == 0
+    records = _metrics(out)
+    assert [(r["step"], r["model_kind"]) for r in records] == [(0, "full"), (1, "full"), (2, "adapter"),
+                                                               (3, "adapter"), (4, "adapter")]
+    logged = {r["step"]: r["eval_loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+              if "eval_loss" in r}
+    for record in records[1:]:  # each adapter evaluated on the right base gives the trainer's own number
+        assert record["eval_loss"] == pytest.approx(logged[record["step"]], rel=1e-4), record["step"]
+
+
+def test_threads_default_to_half_the_cores_while_training_runs(monkeypatch):
+    from sft.evaluate.cli import configure_cpu
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr("torch.set_num_threads", lambda n: None)
+    assert configure_cpu(None, 0, training_running=True) == 4
+    assert configure_cpu(None, 0, training_running=False) == 8
+    assert configure_cpu(3, 0, training_running=False) == 3

@@ -1,0 +1,120 @@
+"""End-to-end training through hf_sft.py in subprocesses: exact resume after SIGKILL, 2-process sharding."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write_data(path: Path, n: int) -> None:
+    words = ["alpha", "beta", "gamma", "delta", "你好", "世界", "one", "two"]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            q = " ".join(words[(i * 7 + k) % len(words)] for k in range(3 + i % 11))
+            a = " ".join(words[(i * 3 + k) % len(words)] for k in range(2 + i % 13))
+            f.write(json.dumps({"conversations": [{"from": "human", "value": f"q{i} {q}"},
+                                                  {"from": "gpt", "value": a}]}, ensure_ascii=False) + "\n")
+
+
+def _train(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
+    cmd = (launcher or [sys.executable]) + ["hf_sft.py", "--model", "tiny-qwen2", "--report_to", "none",
+                                            "--max_length", "96", "--learning_rate", "1e-3", "--warmup_steps", "0",
+                                            "--log_sample_ids", "true", "--precision", "fp32"] + args
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _per_step(output_dir: Path) -> tuple[dict, dict]:
+    losses = {}
+    for line in (output_dir / "train_log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            losses[rec["step"]] = rec["loss"]
+    ids = {}
+    for line in (output_dir / "sample_ids-rank0.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        ids[rec["step"]] = rec["ids"]
+    return losses, ids
+
+
+def test_resume_after_sigkill_continues_exactly(tmp_path):
+    data = tmp_path / "train.jsonl"
+    _write_data(data, 60)
+    common = ["--data", str(data), "--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "2",
+              "--gradient_accumulation_steps", "2", "--shuffle_buffer", "10"]
+
+    straight = _train(common + ["--output_dir", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = _train(common + ["--output_dir", str(tmp_path / "resumed")], {"SFT_FAULT_KILL_AFTER_SAVE": "3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (tmp_path / "resumed" / "checkpoint-3" / "COMPLETE").exists()
+    assert not (tmp_path / "resumed" / "checkpoint-6").exists()
+
+    resumed = _train(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    losses_a, ids_a = _per_step(tmp_path / "straight")
+    losses_b, ids_b = _per_step(tmp_path / "resumed")
+    assert sorted(losses_a) == sorted(losses_b) == [1, 2, 3, 4, 5, 6]
+    assert ids_b == ids_a  # the same samples in the same order, step by step
+    # Default balanced batches: each shuffle cycle (10 records -> 5 micro-batches, whatever their sizes)
+    # holds every record once, so steps 1-5 (10 micro-batches) are exactly the first 20 records.
+    first_cycles = [i for step in range(1, 6) for i in ids_a[step]]
+    assert sorted(first_cycles) == sorted(f"train.jsonl:{i}" for i in range(1, 21))
+    for step in range(1, 7):
+        assert losses_b[step] == pytest.approx(losses_a[step], rel=1e-4, abs=1e-4), step
+    state = json.loads((tmp_path / "resumed" / "checkpoint-3" / "data_state.json").read_text())
+    assert state["batches"] == 6  # 3 steps x 2 accumulation micro-batches consumed
+
+
+def test_packing_trains_exactly_like_unsorted_padded_batches(tmp_path):
+    """--packing changes how a step is computed, not what it learns: same samples, same losses."""
+    data = tmp_path / "train.jsonl"
+    _write_data(data, 40)
+    common = ["--data", str(data), "--max_steps", "4", "--save_steps", "100", "--per_device_train_batch_size", "4",
+              "--gradient_accumulation_steps", "1", "--shuffle_buffer", "20", "--logging_steps", "1"]
+    runs = {}
+    for name, flags in (("padded", ["--group_by_length", "false"]), ("packed", ["--packing", "true"])):
+        result = _train(common + flags + ["--output_dir", str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = _per_step(tmp_path / name)
+    (losses_padded, ids_padded), (losses_packed, ids_packed) = runs["padded"], runs["packed"]
+    assert ids_packed == ids_padded and all(len(ids) == 4 for ids in ids_packed.values())
+    assert sorted(losses_packed) == [1, 2, 3, 4]
+    for step in losses_padded:
+        assert losses_packed[step] == pytest.approx(losses_padded[step], rel=1e-4, abs=1e-5), step
+    def padding(name):
+        logs = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        return {rec["step"]: rec["padding_fraction"] for rec in logs if "padding_fraction" in rec}
+
+    # Rows as long as the batch's longest sample, one sample per row at worst: never more padding.
+    packed, padded = padding("packed"), padding("padded")
+    assert sorted(packed) == [1, 2, 3, 4] and all(packed[step] <= padded[step] for step in packed)
+
+
+def test_two_processes_read_every_sample_exactly_once(tmp_path):
+    data = tmp_path / "train.jsonl"
+    _write_data(data, 24)
+    # 24 records / (2 per device x 2 processes) = 6 steps = one epoch
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29517"]
+    result = _train(["--data", str(data), "--max_steps", "6", "--save_steps", "6", "--per_device_train_batch_size",
+                     "2", "--gradient_accumulation_steps", "1", "--shuffle_buffer", "4",
+                     "--output_dir", str(tmp_path / "ddp")], launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = []
+    for rank in (0, 1):
+        lines = (tmp_path / "ddp" / f"sample_ids-rank{rank}.jsonl").read_text().splitlines()
+        rank_ids = [i for line in lines for i in json.loads(line)["ids"]]
+        assert len(rank_ids) == 12
+        seen += rank_ids
+    assert sorted(seen) == sorted(f"train.jsonl:{i}" for i in range(1, 25))
+    checkpoint = tmp_path / "ddp" / "checkpoint-6"
+    assert (checkpoint / "data_state-rank0.json").exists() and (checkpoint / "data_state-rank1.json").exists()

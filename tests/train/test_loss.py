@@ -1,0 +1,279 @@
+"""sft.train.loss: equal to the plain HF loss, normalized over the accumulation window, memory-light."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from sft.models import load_model
+from sft.train.loss import (
+    IGNORE_INDEX,
+    loss_model_kwargs,
+    make_loss_func,
+    with_loss_kwargs,
+)
+
+# Four samples: (input ids, number of leading prompt tokens with label -100). Supervised lengths differ
+# (3, 7, 1 and 10 tokens) so a per-micro-batch mean would weight them differently.
+SAMPLES = [
+    ([101, 102, 103, 104, 105, 106], 3),
+    ([201, 202, 203, 204, 205, 206, 207, 208, 209], 2),
+    ([301, 302, 303, 304], 3),
+    ([401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411], 1),
+]
+PAD_ID = 151643
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The ops here are tiny: on a shared 2-core machine one thread is 2-5x faster than two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2():
+    torch.manual_seed(0)
+    return load_model("tiny-qwen2")
+
+
+def _labels(ids: list[int], prompt_len: int) -> list[int]:
+    return [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+
+
+def pad_batch(features: list[dict]) -> dict:
+    """Right-padded batch, as a padding collator makes it (test-local, independent of sft.tokens.collate)."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    for f in features:
+        gap = width - len(f["input_ids"])
+        batch["input_ids"].append(f["input_ids"] + [PAD_ID] * gap)
+        batch["labels"].append(f["labels"] + [IGNORE_INDEX] * gap)
+        batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * gap)
+    return {k: torch.tensor(v) for k, v in batch.items()}
+
+
+def pack_batch(features: list[dict]) -> dict:
+    """One packed row: position ids restart per sample, each sample's first label masked, no attention mask."""
+    ids, labels, positions = [], [], []
+    for f in features:
+        ids += f["input_ids"]
+        labels += [IGNORE_INDEX] + f["labels"][1:]
+        positions += list(range(len(f["input_ids"])))
+    return {
+        "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])
+    }
+
+
+def features() -> list[dict]:
+    return [{"input_ids": ids, "labels": _labels(ids, p)} for ids, p in SAMPLES]
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def plain_and_chunked(model, batch, chunk_size, num_items=None):
+    """(loss, grads) from model(labels=...).loss and from make_loss_func, on the same batch."""
+    model.zero_grad()
+    extra = {} if num_items is None else {"num_items_in_batch": num_items}
+    plain = model(**batch, **extra).loss
+    plain.backward()
+    plain_grads = grads(model)
+    model.zero_grad()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    ours = make_loss_func(model, chunk_size=chunk_size)(
+        model(**inputs, **loss_model_kwargs()), batch["labels"], num_items_in_batch=num_items
+    )
+    ours.backward()
+    return plain, plain_grads, ours, grads(model)
+
+
+def assert_grads_close(a: dict, b: dict, atol: float = 1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("make_batch", [pad_batch, pack_batch], ids=["padded", "packed"])
+def test_equals_plain_hf_loss_and_gradients(tiny_qwen2, make_batch):
+    batch = make_batch(features())
+    # chunk_size 4 over 21 supervised positions: several chunks and a ragged last one.
+    plain, plain_grads, ours, our_grads = plain_and_chunked(tiny_qwen2, batch, chunk_size=4)
+    assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == 21
+    assert abs(ours.item() - plain.item()) < 1e-5
+    assert_grads_close(our_grads, plain_grads)
+
+
+def test_divides_by_num_items_in_batch(tiny_qwen2):
+    batch = pad_batch(features()[:2])  # 10 supervised tokens (3 + 7) of a 40-token window
+    plain, plain_grads, ours, our_grads = plain_and_chunked(tiny_qwen2, batch, 1024, torch.tensor(40))
+    assert abs(ours.item() - plain.item()) < 1e-5
+    assert_grads_close(our_grads, plain_grads)
+    _, _, per_batch, _ = plain_and_chunked(tiny_qwen2, batch, 1024)
+    assert abs(ours.item() * 40 / 10 - per_batch.item()) < 1e-4
+
+
+@pytest.mark.parametrize("num_items", [None, 0, torch.tensor(0)])
+def test_zero_supervised_tokens_give_zero_loss_and_zero_grad(tiny_qwen2, num_items):
+    ids = [11, 12, 13, 14, 15]
+    batch = pad_batch([{"input_ids": ids, "labels": [IGNORE_INDEX] * 5}])
+    tiny_qwen2.zero_grad()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    loss = make_loss_func(tiny_qwen2)(
+        tiny_qwen2(**inputs, **loss_model_kwargs()), batch["labels"], num_items_in_batch=num_items
+    )
+    loss.backward()
+    assert loss.item() == 0.0
+    our_grads = grads(tiny_qwen2)
+    assert our_grads, "backward reached no parameter"
+    assert all(g.abs().max().item() == 0.0 for g in our_grads.values())
+
+
+def test_lora_model_matches_plain_loss(tiny_qwen2):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        copy.deepcopy(tiny_qwen2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    batch = pad_batch(features())
+    plain, plain_grads, ours, our_grads = plain_and_chunked(peft_model, batch, chunk_size=5)
+    assert abs(ours.item() - plain.item()) < 1e-5
+    assert any("lora_A" in name for name in our_grads)
+    assert_grads_close(our_grads, plain_grads)
+
+
+def test_prompt_tuning_model_matches_plain_loss(tiny_qwen2):
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    peft_model = get_peft_model(
+        copy.deepcopy(tiny_qwen2), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3)
+    )
+    batch = pad_batch(features())
+    plain, plain_grads, ours, our_grads = plain_and_chunked(peft_model, batch, chunk_size=5)
+    assert abs(ours.item() - plain.item()) < 1e-5
+    assert list(our_grads) == ["prompt_encoder.default.embedding.weight"]
+    assert_grads_close(our_grads, plain_grads)
+
+
+def test_untied_head_with_bf16_autocast():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    batch = pad_batch(features())
+    batch["input_ids"] = batch["input_ids"] % 512
+    batch["labels"] = torch.where(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX, batch["labels"] % 512)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(**batch).loss
+        ours = make_loss_func(model, chunk_size=4, autocast_dtype=torch.bfloat16)(
+            model(**inputs, **loss_model_kwargs()), batch["labels"]
+        )
+    assert ours.dtype == torch.float32
+    assert abs(ours.item() - plain.item()) < 1e-2
+    ours.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+    # Nothing supervised: the untied head still gets a (zero) gradient, as DDP requires.
+    model.zero_grad(set_to_none=True)
+    nothing = make_loss_func(model)(model(**inputs, **loss_model_kwargs()), torch.full_like(batch["labels"], -100))
+    nothing.backward()
+    assert nothing.item() == 0.0
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().max().item() == 0.0
+
+
+class GradientRecorder(TrainerCallback):
+    """Keeps the gradients the optimizer is about to apply."""
+
+    grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = grads(model)
+
+
+def trainer_gradients(model, tmp_path, batch_size: int, accumulation: int) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"bs{batch_size}_ga{accumulation}"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=1, max_grad_norm=0.0, learning_rate=1e-3, optim="sgd",
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    recorder = GradientRecorder()
+    loss_shapes = []
+    loss_func = make_loss_func(model, chunk_size=4)
+
+    def recording_loss_func(outputs, labels, num_items_in_batch=None):
+        loss_shapes.append((tuple(outputs.logits.shape), int(num_items_in_batch)))
+        return loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+
+    trainer = Trainer(
+        model=model, args=args, train_dataset=features(), data_collator=with_loss_kwargs(pad_batch),
+        compute_loss_func=recording_loss_func, callbacks=[recorder],
+    )
+    trainer.train()
+    # Every micro-batch asked the model for one logit row only, and was normalized by the window's 21 tokens.
+    assert len(loss_shapes) == accumulation
+    assert all(shape[1] == 1 and num_items == 21 for shape, num_items in loss_shapes)
+    return recorder.grads
+
+
+def test_batch4_equals_batch1_times_accumulation4(tiny_qwen2, tmp_path):
+    one_batch = trainer_gradients(copy.deepcopy(tiny_qwen2), tmp_path, batch_size=4, accumulation=1)
+    accumulated = trainer_gradients(copy.deepcopy(tiny_qwen2), tmp_path, batch_size=1, accumulation=4)
+    assert_grads_close(one_batch, accumulated)
+
+    # Both equal the gradient of the mean over all 21 supervised tokens, computed by plain HF.
+    reference = copy.deepcopy(tiny_qwen2)
+    for feature in features():
+        reference(**pad_batch([feature]), num_items_in_batch=torch.tensor(21)).loss.backward()
+    assert_grads_close(one_batch, grads(reference))
+
+
+def test_trainer_evaluate_matches_plain_loss(tiny_qwen2, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    def eval_loss(**loss_wiring) -> float:
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "eval"), per_device_eval_batch_size=2, report_to=[], use_cpu=True,
+            disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=tiny_qwen2, args=args, eval_dataset=features(), **loss_wiring)
+        return trainer.evaluate()["eval_loss"]
+
+    plain = eval_loss(data_collator=pad_batch)
+    ours = eval_loss(data_collator=with_loss_kwargs(pad_batch), compute_loss_func=make_loss_func(tiny_qwen2))
+    assert abs(ours - plain) < 1e-5
+
+
+def test_missing_hidden_states_says_how_to_fix(tiny_qwen2):
+    batch = pad_batch(features()[:1])
+    outputs = tiny_qwen2(input_ids=batch["input_ids"], logits_to_keep=1)
+    with pytest.raises(ValueError, match="with_loss_kwargs"):
+        make_loss_func(tiny_qwen2)(outputs, batch["labels"])
+
+
+def test_pre_norm_hidden_state_is_rejected(tiny_qwen2):
+    batch = pad_batch(features()[:1])
+    outputs = tiny_qwen2(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1)
+    outputs["hidden_states"] = outputs.hidden_states[:-1]  # last entry is now layer 1's pre-norm output
+    with pytest.raises(ValueError, match="before its final"):
+        make_loss_func(tiny_qwen2)(outputs, batch["labels"])
+
+
+def test_bad_arguments(tiny_qwen2):
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        make_loss_func(tiny_qwen2, chunk_size=0)
+    batch = pad_batch(features()[:1])
+    outputs = tiny_qwen2(input_ids=batch["input_ids"], **loss_model_kwargs())
+    with pytest.raises(ValueError, match=r"labels shape \(1, 5\)"):
+        make_loss_func(tiny_qwen2)(outputs, batch["labels"][:, :5])
