@@ -32,6 +32,7 @@ from sft.evaluate.inference import (
     prompt_ids,
     read_prompt_records,
 )
+from sft.files import write_text_atomic
 from sft.models import load_model
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
@@ -40,7 +41,6 @@ from sft.train.checkpoints import (
     CHECKPOINT_RE,
     COMPLETE_MARKER,
     RUN_END_NAME,
-    write_text_atomic,
 )
 from sft.train.loss import loss_model_kwargs, make_loss_func
 
