@@ -140,7 +140,7 @@ def validate_conversation(conv: Conversation, max_chars: int | None = None) -> N
     system = conv.system
     if system is not None and type(system) is not str:
         raise RecordError("non_string_content", f"system is {type(system).__name__}, expected a string")
-    plain = conv.meta.get(PLAIN_TEXT) if conv.meta else False
+    plain = is_plain_text(conv)
     # One pass, no allocations on the common path: this runs for every record of a 1M-row build.
     prev = None  # role state of the previous message ("assistant_tc": assistant that called tools)
     for i, m in enumerate(msgs):

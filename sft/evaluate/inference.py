@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sft.chat_templates import TURN_END_TOKENS
-from sft.conversation import PLAIN_TEXT, Conversation, Message
+from sft.conversation import Conversation, Message, is_plain_text
 from sft.models import load_model, load_tokenizer
 from sft.tokens.encoding import tokenize_segments
 from sft.tokens.template import render_segments
@@ -192,7 +192,7 @@ def read_prompt_records(path: str) -> Iterator[tuple[str, dict, Conversation, st
                 raise ValueError(f"{where}: a JSON {type(record).__name__}, expected an object like "
                                  '{"prompt": "..."}')
             conv, reference = conversation_from_prompt(record, where)
-            if not conv.messages or conv.meta.get(PLAIN_TEXT):
+            if not conv.messages or is_plain_text(conv):
                 raise ValueError(f"{where}: the record has no turn to answer; expected {{\"prompt\": \"...\"}} "
                                  "or a conversation with a user turn")
             yield where, record, conv, reference

@@ -22,7 +22,7 @@ Truncation to max_length keeps whole turns where it can: the oldest rounds (a us
 follows it) are dropped first, the system block is kept, then the last answer's tail is cut. A
 sample without a single supervised token is dropped and counted in EncodeStats, never returned.
 
-Plain-text records (meta["plain_text"], or meta["text"] is True): the text + eos, every token trained.
+Plain-text records (sft.conversation.is_plain_text): the text + eos, every token trained.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
-from sft.conversation import Conversation
+from sft.conversation import Conversation, is_plain_text
 from sft.tokens.template import TEMPLATES, Segment, render_segments
 
 IGNORE_INDEX = -100
@@ -97,7 +97,7 @@ def encode_conversation(conv: Conversation, tokenizer, options: EncodeOptions | 
     options = options or EncodeOptions()
     stats = stats if stats is not None else EncodeStats()
     stats.seen += 1
-    if _is_plain_text(conv):
+    if is_plain_text(conv):
         sample = _encode_plain_text(conv, tokenizer, options.max_length)
     else:
         sample = _encode_chat(conv, tokenizer, options, stats)
@@ -222,11 +222,6 @@ def _encode_whole(conv: Conversation, tokenizer, options: EncodeOptions):
 
 
 # ------------------------------------------------------------------------------- plain text
-
-
-def _is_plain_text(conv: Conversation) -> bool:
-    # sft.conversation.PLAIN_TEXT is "plain_text"; meta["text"] = True is accepted as an alias.
-    return bool(conv.meta.get("plain_text")) or conv.meta.get("text") is True
 
 
 def _encode_plain_text(conv: Conversation, tokenizer, max_length: int | None) -> EncodedSample:
