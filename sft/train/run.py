@@ -149,7 +149,7 @@ def run_training(config: SFTConfig) -> int:
         prepare_model,
         save_final,
     )
-    from sft.train.run import callbacks as cb
+    from sft.train import callbacks as cb
 
     if not config.training.use_cpu and not torch.cuda.is_available():
         # Decide the device before anything reads world_size/process_index (gloo on CPU).
