@@ -7,8 +7,12 @@ decide the rows), and makes every step's data a pure function of (seed, epoch, c
     cycle = read `shuffle_buffer` samples of this rank -> encode -> plan batches (grouped by length
             or not, shuffled with a per-cycle seed) -> collate (pad or pack) -> yield them
 
-Exact resume: the stream remembers the reader position at the start of each cycle. A checkpoint
-stores (cycle start position, batches already used from that cycle); resuming seeks the files to
+Reading: each source is read through sft.data.sources (the builder's reader, the builder's checks and
+reason codes) and stays open across cycles and mixed draws, so an epoch reads every file once.
+
+Exact resume: the stream remembers the reader position at the start of each cycle (per source, the
+sources position of its next record: a byte offset, a parquet row group + row, ...). A checkpoint
+stores (cycle start position, batches already used from that cycle); resuming opens the files at
 that position, re-reads and re-encodes ONE cycle and skips the used batches. Resume cost is bounded
 by the buffer size, whatever the number of steps already done.
 
