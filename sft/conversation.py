@@ -46,8 +46,9 @@ class Conversation:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-# Reason codes a RecordError may carry (the rejects file's "reason" column). Kept short and stable
-# so that users can grep and count them.
+# The one list of reason codes: a RecordError carries one of these, and so does the "reason" column
+# of every rejects file (the builder's and training's). Kept short and stable so that users can grep
+# and count them; a code outside this list is a bug (RecordError refuses it).
 REASONS = {
     "invalid_json": "the line/element is not valid JSON",
     "invalid_utf8": "the bytes are not valid UTF-8",
@@ -68,6 +69,8 @@ REASONS = {
     "bad_loss_flag": "a per-message train/loss/weight flag is not 0/1/true/false",
     "too_long": "the record is longer than --max_chars",
     "mixed_text_and_chat": "plain-text records and conversations cannot share one output file",
+    "cannot_render": "training: the chat template cannot render the conversation with this tokenizer",
+    "dropped": "training: no trained token is left within --max_length, so the record is skipped",
 }
 
 
@@ -79,6 +82,9 @@ class RecordError(ValueError):
     """
 
     def __init__(self, reason: str, detail: str, source: str | None = None, line: int | None = None):
+        if reason not in REASONS:  # a programming error, not bad data: must not be caught as a bad record
+            raise RuntimeError(f"RecordError reason {reason!r} is not in sft.conversation.REASONS; use one of its "
+                               "codes or add the new one there with its meaning")
         super().__init__(detail)
         self.reason = reason
         self.detail = detail

@@ -1,10 +1,23 @@
 """Read raw records from local files or a hub dataset, streaming, with file + line for every record.
+The one reader of the project: the builder and the training stream both read through it.
 
     for rec in iter_raw_records("data/firefly.jsonl.gz"):
         rec.source, rec.line   # "data/firefly.jsonl.gz", 17
         rec.data               # the parsed JSON value (usually a dict); None when rec.error is set
         rec.error              # RecordError("invalid_json" / "invalid_utf8" / "bom", ...) or None
         rec.raw                # the record's text as read (for rejects files)
+        rec.position           # where the record after this one starts (below)
+
+    iter_raw_records(path, position=rec.position)   # continue right after `rec`, cheaply
+
+A position is a small JSON-able dict, opaque to callers (a checkpoint stores it as is). "records" is
+the number of records read so far; the rest says how to get there without parsing what lies before:
+
+    {"records": n, "offset": byte, "line": l}      JSON lines and JSON arrays: seek to the byte (for a
+                                                    .gz file an offset in the decompressed data: opening
+                                                    there decompresses up to it once, parsing nothing)
+    {"records": n, "row_group": g, "row": r}        parquet: row r of row group g
+    {"records": n}                                  hub datasets (datasets' skip(n) when opened)
 
 Supported: .jsonl/.ndjson, .json (an array, or one object per line), .parquet, and any of them .gz
 compressed; a hub dataset id ("owner/name") when it is not a local path. Memory does not grow with
@@ -17,6 +30,7 @@ number. Problems with a whole file (missing, unsupported type, hub unreachable) 
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import re
 import shutil
@@ -50,6 +64,7 @@ class RawRecord:
     data: Any = None
     raw_bytes: bytes | None = None  # exact bytes read; None for parquet/hub rows (raw is re-dumped)
     error: RecordError | None = None
+    position: dict | None = None  # where the next record starts: iter_raw_records(..., position=) resumes there
 
     @property
     def raw(self) -> str:
@@ -58,15 +73,21 @@ class RawRecord:
         return self.raw_bytes.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
 
 
-def iter_raw_records(path: str, *, hub_split: str = "train", hub_config: str | None = None) -> Iterator[RawRecord]:
-    """Yield every record of `path` (a local file or a hub dataset id) in order; see the module doc."""
+def iter_raw_records(path: str, *, hub_split: str = "train", hub_config: str | None = None,
+                     position: dict | None = None) -> Iterator[RawRecord]:
+    """Yield the records of `path` (a local file or a hub dataset id) in order, from the start or from
+    `position` (a RawRecord.position of an earlier read of the same input); see the module doc."""
     path = str(path)
     if os.path.exists(path):
         if os.path.isdir(path):
             raise SourceError(f"{path} is a directory; pass the data files inside it (e.g. {path}/*.jsonl)")
-        yield from _iter_local(path)
+        if position is not None and set(position) == {"records"}:
+            # A count only (a checkpoint written before positions had offsets): read up to it once.
+            yield from itertools.islice(_iter_local(path, None), position["records"], None)
+            return
+        yield from _iter_local(path, position)
     elif looks_like_hub_id(path):
-        yield from _iter_hub(path, hub_split, hub_config)
+        yield from _iter_hub(path, hub_split, hub_config, position)
     else:
         raise SourceError(f"{path}: no such file (and it is not a hub dataset id like 'owner/name'); check the path")
 
@@ -87,18 +108,29 @@ def local_kind(path: str) -> tuple[str | None, bool]:
     return None, gz
 
 
-def _iter_local(path: str) -> Iterator[RawRecord]:
+def _open_bytes(path: str, gz: bool) -> BinaryIO:
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _iter_local(path: str, position: dict | None) -> Iterator[RawRecord]:
     kind, gz = local_kind(path)
     if kind is None:
         raise SourceError(f"{path}: unsupported file type; use .jsonl, .json, .parquet (optionally .gz)")
     if kind == ".parquet":
-        yield from _iter_parquet(path, gz)
+        yield from _iter_parquet(path, gz, position)
         return
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-        if kind == ".json" and _starts_with_array(f):
-            yield from _iter_json_array(f, path)
-        else:
+    if position is not None and position.get("end"):  # after a truncated array or trailing data
+        return
+    with _open_bytes(path, gz) as f:
+        array = kind == ".json" and _starts_with_array(f)
+        if position is not None:
+            f.seek(position["offset"])  # gzip: decompresses up to there, once per opening
+        if array:
+            yield from _iter_json_array(f, path, position)
+        elif position is None:
             yield from _iter_json_lines(f, path)
+        else:
+            yield from _iter_json_lines(f, path, position["line"] + 1, position["offset"], position["records"])
 
 
 def _starts_with_array(f: BinaryIO) -> bool:
@@ -116,15 +148,22 @@ def is_line_based(path: str) -> bool:
         return False
     if kind == ".jsonl":
         return True
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+    with _open_bytes(path, gz) as f:
         return not _starts_with_array(f)
+
+
+def count_records(path: str) -> int:
+    """Number of records of `path`: non-blank lines of a JSON-lines file (not parsed), else a full read."""
+    if is_line_based(path):
+        with _open_bytes(path, local_kind(path)[1]) as f:
+            return sum(1 for line in f if line.strip())
+    return sum(1 for _ in iter_raw_records(path))
 
 
 def iter_line_chunks(path: str, chunk_bytes: int = 1 << 21) -> Iterator[tuple[int, list[bytes]]]:
     """(number of the first line, whole lines totalling about `chunk_bytes`) of a line-based file, in order."""
-    _, gz = local_kind(path)
     first = 1
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+    with _open_bytes(path, local_kind(path)[1]) as f:
         while True:
             lines = f.readlines(chunk_bytes)
             if not lines:
@@ -138,17 +177,20 @@ def parse_json_lines(lines: Iterable[bytes], source: str, first_line: int = 1) -
     return _iter_json_lines(lines, source, first_line)
 
 
-def _iter_json_lines(f: Iterable[bytes], source: str, first_line: int = 1) -> Iterator[RawRecord]:
+def _iter_json_lines(f: Iterable[bytes], source: str, first_line: int = 1, offset: int = 0,
+                     records: int = 0) -> Iterator[RawRecord]:
+    """RawRecords of JSON lines; `offset`/`records`: where `f` starts (for the positions)."""
     loads = orjson.loads
     for lineno, line in enumerate(f, first_line):
+        offset += len(line)
         try:
-            data = loads(line)
+            data, error = loads(line), None
         except orjson.JSONDecodeError as e:
             if not line.strip():
                 continue  # blank lines are layout, not records
-            yield RawRecord(source, lineno, None, line, parse_error(line, e))
-            continue
-        yield RawRecord(source, lineno, data, line)
+            data, error = None, parse_error(line, e)
+        records += 1
+        yield RawRecord(source, lineno, data, line, error, {"records": records, "offset": offset, "line": lineno})
 
 
 def parse_error(text: bytes, exc: Exception) -> RecordError:
@@ -184,24 +226,39 @@ class _LineCounter:
         self.pos = 0
 
 
-def _iter_json_array(f: BinaryIO, source: str) -> Iterator[RawRecord]:
+def _iter_json_array(f: BinaryIO, source: str, position: dict | None = None) -> Iterator[RawRecord]:
     """Split a top-level JSON array into elements without loading the file: track string/nesting
-    state with one regex over a sliding buffer and parse each complete element with orjson."""
-    buf = f.read(_CHUNK)
+    state with one regex over a sliding buffer and parse each complete element with orjson.
+
+    From a `position`, `f` stands just after the ',' that ended an element (nesting depth 0 there),
+    or just after the closing ']' ("closed")."""
     lines = _LineCounter()
-    bom = buf.startswith(BOM)
-    pos = buf.index(b"[") + 1
-    start, depth, emitted, after_comma = pos, 0, 0, False
+    if position is None:
+        buf = f.read(_CHUNK)
+        bom = buf.startswith(BOM)
+        pos = buf.index(b"[") + 1
+        base, emitted, after_comma = 0, 0, False
+    else:
+        lines.line = position["line"]
+        base, emitted = position["offset"], position["records"]
+        if position.get("closed"):
+            yield from _trailing_data(f, b"", 0, lines, source, emitted)
+            return
+        buf, pos, bom, after_comma = f.read(_CHUNK), 0, False, True
+    start, depth = pos, 0
     while True:
         m = _ARRAY_TOKEN.search(buf, pos)
         unterminated = m is not None and m.end() - m.start() == 1 and buf[m.start()] == 0x22
         if m is None or unterminated:
             more = f.read(_CHUNK)
             if not more or len(buf) - start > MAX_ELEMENT_BYTES:
-                yield _truncated(buf, start, lines, source, emitted, after_comma, bool(more))
+                rec = _truncated(buf, start, lines, source, emitted, after_comma, bool(more))
+                rec.position = {"records": emitted + 1, "end": True}
+                yield rec
                 return
             lines.rebase(buf, start)
             resume = (m.start() if unterminated else len(buf)) - start
+            base += start
             buf, pos, start = buf[start:] + more, resume, 0
             continue
         tok = buf[m.start()]
@@ -217,10 +274,13 @@ def _iter_json_array(f: BinaryIO, source: str) -> Iterator[RawRecord]:
                 if bom and emitted == 0:
                     rec.error, rec.data = parse_error(BOM, ValueError()), None
                 emitted += 1
+                rec.position = {"records": emitted, "offset": base + pos, "line": lines.at(buf, pos)}
+                if tok == 0x5D:
+                    rec.position["closed"] = True
                 yield rec
             start, after_comma = pos, tok == 0x2C
             if tok == 0x5D:  # ']': the array is closed
-                yield from _trailing_data(f, buf, pos, lines, source)
+                yield from _trailing_data(f, buf, pos, lines, source, emitted)
                 return
 
 
@@ -260,7 +320,8 @@ def _parses(text: bytes) -> bool:
         return False
 
 
-def _trailing_data(f: BinaryIO, buf: bytes, pos: int, lines: _LineCounter, source: str) -> Iterator[RawRecord]:
+def _trailing_data(f: BinaryIO, buf: bytes, pos: int, lines: _LineCounter, source: str,
+                   emitted: int) -> Iterator[RawRecord]:
     rest = buf[pos:]
     while not rest.strip():
         more = f.read(_CHUNK)
@@ -270,33 +331,47 @@ def _trailing_data(f: BinaryIO, buf: bytes, pos: int, lines: _LineCounter, sourc
         buf, pos, rest = more, 0, more
     lead = len(rest) - len(rest.lstrip())
     yield RawRecord(source, lines.at(buf, pos + lead), None, rest.strip()[:4096],
-                    RecordError("invalid_json", "data after the closing ']' of the JSON array; remove it"))
+                    RecordError("invalid_json", "data after the closing ']' of the JSON array; remove it"),
+                    {"records": emitted + 1, "end": True})
 
 
-def _iter_parquet(path: str, gz: bool) -> Iterator[RawRecord]:
+def _iter_parquet(path: str, gz: bool, position: dict | None) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
     if not gz:
-        yield from _parquet_rows(pq, path, path)
+        yield from _parquet_rows(pq, path, path, position)
         return
-    # Parquet needs random access: decompress to a temporary file (disk, not memory).
+    # Parquet needs random access: decompress to a temporary file (disk, not memory), once per opening.
     with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
         with gzip.open(path, "rb") as src:
             shutil.copyfileobj(src, tmp, _CHUNK)
         tmp.flush()
-        yield from _parquet_rows(pq, tmp.name, path)
+        yield from _parquet_rows(pq, tmp.name, path, position)
 
 
-def _parquet_rows(pq, real_path: str, source: str) -> Iterator[RawRecord]:
+def _parquet_rows(pq, real_path: str, source: str, position: dict | None) -> Iterator[RawRecord]:
     try:
         pfile = pq.ParquetFile(real_path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise SourceError(f"{source}: cannot read as parquet ({e}); check the file is complete") from e
-    row = 0
-    for batch in pfile.iter_batches(batch_size=4096):
-        for data in batch.to_pylist():
-            row += 1
-            yield RawRecord(source, row, data)
+    first_group, skip, records = (0, 0, 0) if position is None else \
+        (position["row_group"], position["row"], position["records"])
+    for group in range(first_group, pfile.num_row_groups):
+        if skip >= pfile.metadata.row_group(group).num_rows:  # positioned after this group's last row
+            skip = 0
+            continue
+        row = 0  # rows of this group read so far (or skipped without converting them to Python)
+        for batch in pfile.iter_batches(batch_size=4096, row_groups=[group]):
+            if row + batch.num_rows <= skip:
+                row += batch.num_rows
+                continue
+            if row < skip:
+                batch, row = batch.slice(skip - row), skip
+            for data in batch.to_pylist():
+                row += 1
+                records += 1
+                yield RawRecord(source, records, data, None, None, {"records": records, "row_group": group, "row": row})
+        skip = 0
 
 
 def _offline_error(name: str, why: str) -> SourceError:
@@ -317,7 +392,7 @@ def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
         raise _offline_error(name, f"{url.hostname}:{port}: {e}") from e
 
 
-def _iter_hub(name: str, split: str, config: str | None) -> Iterator[RawRecord]:
+def _iter_hub(name: str, split: str, config: str | None, position: dict | None) -> Iterator[RawRecord]:
     check_hub_reachable(name)
     import datasets
 
@@ -328,9 +403,12 @@ def _iter_hub(name: str, split: str, config: str | None) -> Iterator[RawRecord]:
         raise _offline_error(name, str(e)) from e
     except Exception as e:  # not found, gated, bad config/split: datasets' own message says which
         raise SourceError(f"cannot load hub dataset '{name}' (split {split!r}): {e}") from e
+    done = 0 if position is None else position["records"]
+    if done:
+        ds = ds.skip(done)  # only when opened at a position (a resume): the stream keeps one open reader
     try:
-        for row, data in enumerate(ds, 1):
-            yield RawRecord(source, row, data)
+        for row, data in enumerate(ds, done + 1):
+            yield RawRecord(source, row, data, None, None, {"records": row})
     except (ConnectionError, TimeoutError) as e:
         raise _offline_error(name, str(e)) from e
 

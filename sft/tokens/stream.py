@@ -7,8 +7,12 @@ decide the rows), and makes every step's data a pure function of (seed, epoch, c
     cycle = read `shuffle_buffer` samples of this rank -> encode -> plan batches (grouped by length
             or not, shuffled with a per-cycle seed) -> collate (pad or pack) -> yield them
 
-Exact resume: the stream remembers the reader position at the start of each cycle. A checkpoint
-stores (cycle start position, batches already used from that cycle); resuming seeks the files to
+Reading: each source is read through sft.data.sources (the builder's reader, the builder's checks and
+reason codes) and stays open across cycles and mixed draws, so an epoch reads every file once.
+
+Exact resume: the stream remembers the reader position at the start of each cycle (per source, the
+sources position of its next record: a byte offset, a parquet row group + row, ...). A checkpoint
+stores (cycle start position, batches already used from that cycle); resuming opens the files at
 that position, re-reads and re-encodes ONE cycle and skips the used batches. Resume cost is bounded
 by the buffer size, whatever the number of steps already done.
 
@@ -19,7 +23,6 @@ emits its own batch at position r and cheap placeholders elsewhere.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -30,9 +33,9 @@ from typing import Any, Iterator
 
 import torch
 
-from sft.conversation import RecordError, validate_conversation
-from sft.data.formats import detect_format, to_conversation
-from sft.data.sources import Source, is_line_based
+from sft.data.formats import normalize_records
+from sft.data.sources import RawRecord, Source, iter_raw_records
+from sft.data.sources import count_records as count_file_records
 from sft.tokens.collate import StreamOptions, collate_batch
 from sft.tokens.encoding import EncodeOptions, EncodeStats, encode_conversation
 from sft.tokens.plan import plan_batches
@@ -42,41 +45,6 @@ logger = logging.getLogger(__name__)
 PLACEHOLDER = {"placeholder": True}
 
 
-# ------------------------------------------------------------------------------------ sources
-
-
-def _iter_lines(path: str, offset: int, line_no: int) -> Iterator[tuple[int, int, int, bytes]]:
-    """Yield (line_no, start_offset, next_offset, raw_line) of a JSON-lines file from a byte offset."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        if offset:
-            if path.endswith(".gz"):  # gzip cannot seek cheaply: decompress and drop (no JSON parsing)
-                remaining = offset
-                while remaining:
-                    chunk = f.read(min(remaining, 1 << 20))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
-            else:
-                f.seek(offset)
-        pos = offset
-        for raw in f:
-            start, pos = pos, pos + len(raw)
-            line_no += 1
-            if raw.strip():
-                yield line_no, start, pos, raw
-
-
-def _iter_other(path: str, skip: int) -> Iterator[tuple[int, Any]]:
-    """Non-JSON-lines inputs (JSON arrays, parquet, hub ids) through the builder's reader."""
-    from sft.data.sources import iter_raw_records
-
-    for index, rec in enumerate(iter_raw_records(path)):
-        if index < skip:
-            continue
-        yield rec.line, rec
-
-
 # ------------------------------------------------------------------------------------ the stream
 
 
@@ -84,8 +52,16 @@ def _iter_other(path: str, skip: int) -> Iterator[tuple[int, Any]]:
 class ReaderState:
     epoch: int = 0
     source: int = 0  # sequential mode: which source is being read
-    positions: list[list[int]] = field(default_factory=list)  # per source: [line_no, byte_offset, records]
+    # per source: the sft.data.sources position of its next record (None: the start of the file)
+    positions: list[dict | None] = field(default_factory=list)
     rng: Any = None  # mixing RNG state (weighted mode)
+    # per source: (open reader, the position it stands at). Not saved: a reader is reopened only when
+    # the position differs (after a resume or a restart), never per cycle or per mixed record.
+    open: dict[int, tuple[Iterator[RawRecord], dict | None]] = field(default_factory=dict, repr=False)
+
+    def restart(self, n_sources: int) -> None:
+        self.positions = [None] * n_sources
+        self.open.clear()
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -102,7 +78,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.rejects_path = rejects_path
         self.counters = {"records": 0, "rejected": 0, "dropped": 0, "truncated": 0}
         self.encode_stats = EncodeStats()
-        self._formats: dict[int, str] = {}  # detected once per file, from its first record
+        self._formats: dict[str, str] = {}  # source -> format, detected once per file from its first record
         self._cycles: dict[int, dict] = {}  # cycle index -> {"start": batch index, "n": count, "state": ...}
         self._resume: dict | None = None
 
@@ -135,7 +111,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             self.counters.update(self._resume.get("counters", {}))
         else:
             weighted = self.sources[0].weight is not None  # only mixing needs an RNG in the position
-            reader = ReaderState(positions=[[0, 0, 0] for _ in self.sources],
+            reader = ReaderState(positions=[None] * len(self.sources),
                                  rng=random.Random(options.seed).getstate() if weighted else None)
             cycle_index, emitted, skip = 0, 0, 0
         self._cycles.clear()
@@ -179,7 +155,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             if reader.source == -1:  # epoch finished inside this cycle: close the cycle there
                 reader.source = 0
                 reader.epoch += 1
-                reader.positions = [[0, 0, 0] for _ in self.sources]
+                reader.restart(len(self.sources))
                 if samples:
                     break
         return samples
@@ -196,7 +172,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 index = rng.choices(range(len(self.sources)), weights=weights)[0]
                 item = next(self._records(index, reader, 1), "END")
                 if item == "END":  # this source wrapped around
-                    reader.positions[index] = [0, 0, 0]
+                    reader.positions[index] = None
                     if index == 0:
                         reader.source = -1
                         reader.rng = rng.getstate()
@@ -220,92 +196,90 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def _records(self, index: int, reader: ReaderState, limit: int) -> Iterator[dict | None]:
         """Up to `limit` own-rank records of source `index`, advancing its saved position."""
-        source = self.sources[index]
-        position = reader.positions[index]
         skip_first = self.options.skip_first if index == 0 else 0
         produced = 0
-        if is_line_based(source.path):
-            for line_no, _, next_offset, raw in _iter_lines(source.path, position[1], position[0]):
-                record_index = position[2]
-                position[:] = [line_no, next_offset, record_index + 1]
-                if record_index < skip_first or (record_index - skip_first) % self.world_size != self.rank:
-                    continue
-                produced += 1
-                yield self._encode_raw(index, line_no, raw)
-                if produced >= limit:
-                    return
-            return
-        for line_no, rec in _iter_other(source.path, position[2]):
-            record_index = position[2]
-            position[:] = [line_no, 0, record_index + 1]
+        while produced < limit:
+            rec = self._next_raw(index, reader)
+            if rec is None:
+                return
+            record_index = rec.position["records"] - 1
             if record_index < skip_first or (record_index - skip_first) % self.world_size != self.rank:
                 continue
             produced += 1
-            yield self._encode_record(index, line_no, rec.data, rec.error)
-            if produced >= limit:
-                return
+            yield self._encode_record(index, rec)
 
-    def _encode_raw(self, index: int, line_no: int, raw: bytes) -> dict | None:
-        try:
-            record = json.loads(raw.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            self.counters["records"] += 1
-            return self._reject(self.sources[index], line_no, f"invalid_json: {err}", raw.decode("utf-8", "replace"))
-        return self._encode_record(index, line_no, record, None)
+    def _next_raw(self, index: int, reader: ReaderState) -> RawRecord | None:
+        """The next record of source `index` from its open reader (opened at the saved position if needed)."""
+        position = reader.positions[index]
+        records, at = reader.open.get(index, (None, None))
+        if records is None or at is not position:
+            records = iter_raw_records(self.sources[index].path, position=position)
+        rec = next(records, None)
+        if rec is None:
+            reader.open.pop(index, None)
+            return None
+        reader.positions[index] = rec.position
+        reader.open[index] = (records, rec.position)
+        return rec
 
-    def _encode_record(self, index: int, line_no: int, record: Any, error: Any) -> dict | None:
+    def _encode_record(self, index: int, rec: RawRecord) -> dict | None:
+        """The encoded sample of one raw record, or None (rejected or dropped, written to the rejects file)."""
         source = self.sources[index]
         self.counters["records"] += 1
-        if error:
-            return self._reject(source, line_no, str(error), record)
+        fmt = source.fmt if source.fmt != "auto" else None
+        item = next(normalize_records([rec], fmt, None, self._formats))  # the builder's checks, the same codes
+        if item.error is not None:
+            return self._reject(source, rec, item.error.reason, item.error.detail)
+        sample_id = f"{os.path.basename(source.path)}:{rec.line}"
         try:
-            if not isinstance(record, dict):
-                raise RecordError("not_object", "the record is not a JSON object")
-            fmt = source.fmt if source.fmt != "auto" else self._formats.get(index)
-            if fmt is None:
-                fmt = self._formats[index] = detect_format(record)
-            conversation = to_conversation(record, fmt)
-            validate_conversation(conversation)
-        except RecordError as err:
-            return self._reject(source, line_no, str(err), record)
-        sample_id = f"{os.path.basename(source.path)}:{line_no}"
-        try:
-            encoded = encode_conversation(conversation, self.tokenizer, self.encode_options, self.encode_stats)
+            encoded = encode_conversation(item.conversation, self.tokenizer, self.encode_options, self.encode_stats)
         except ValueError as err:
-            return self._reject(source, line_no, str(err), record)
+            return self._reject(source, rec, "cannot_render", str(err))
         if encoded is None:
             self.counters["dropped"] += 1
             reason = getattr(self.encode_stats, "last_drop", None) or "no supervised token within --max_length"
-            self._write_reject(source, line_no, f"dropped: {reason}", record)
+            self._write_reject(source, rec, "dropped", reason)
             return None
         self.counters["truncated"] += int(encoded.truncated)
         return {"input_ids": encoded.input_ids, "labels": encoded.labels, "id": sample_id}
 
-    def _reject(self, source: Source, line_no: int, reason: str, raw: Any) -> None:
+    def _reject(self, source: Source, rec: RawRecord, reason: str, detail: str) -> None:
         self.counters["rejected"] += 1
-        self._write_reject(source, line_no, reason, raw)
+        self._write_reject(source, rec, reason, detail)
         return None
 
-    def _write_reject(self, source: Source, line_no: int, reason: str, raw: Any) -> None:
+    def _write_reject(self, source: Source, rec: RawRecord, reason: str, detail: str) -> None:
+        """One row of the rejects file, shaped like the builder's: reason is a code of REASONS."""
         if not self.rejects_path:
             return
         Path(self.rejects_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.rejects_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"source": source.path, "line": line_no, "reason": reason, "raw": raw},
-                               ensure_ascii=False, default=str) + "\n")
+            f.write(json.dumps({"source": source.path, "line": rec.line, "reason": reason, "error": detail,
+                                "raw": rec.raw}, ensure_ascii=False) + "\n")
 
 
 def _reader_to_state(reader: ReaderState) -> dict:
-    return {"epoch": reader.epoch, "source": reader.source, "positions": [list(p) for p in reader.positions],
+    return {"epoch": reader.epoch, "source": reader.source, "positions": list(reader.positions),
             "rng": _listify(reader.rng)}
 
 
 def _reader_from_state(state: dict, n_sources: int) -> ReaderState:
-    positions = [list(p) for p in state["positions"]]
+    positions = [_position_from_state(p) for p in state["positions"]]
     if len(positions) != n_sources:
         raise ValueError(f"the checkpoint's data position covers {len(positions)} files but --data has "
                          f"{n_sources}: resume with the same --data")
     return ReaderState(epoch=state["epoch"], source=state["source"], positions=positions, rng=state["rng"])
+
+
+def _position_from_state(saved: Any) -> dict | None:
+    """A saved reader position; checkpoints written before sources positions hold [line, byte, records]
+    (a byte offset for JSON lines, 0 for the other kinds, which are then read up to the count once)."""
+    if not isinstance(saved, list):
+        return saved
+    line, offset, records = saved
+    if records == 0:
+        return None
+    return {"records": records, "offset": offset, "line": line} if offset else {"records": records}
 
 
 def _listify(value: Any) -> Any:
@@ -320,11 +294,5 @@ def _tuplify(value: Any) -> Any:
 
 
 def count_records(sources: list[Source]) -> int:
-    """Cheap record count (non-empty lines for JSON lines; the reader otherwise) for --num_train_epochs."""
-    total = 0
-    for source in sources:
-        if is_line_based(source.path):
-            total += sum(1 for _ in _iter_lines(source.path, 0, 0))
-        else:
-            total += sum(1 for _ in _iter_other(source.path, 0))
-    return total
+    """Records of all sources (for --num_train_epochs); JSON lines are counted without parsing."""
+    return sum(count_file_records(source.path) for source in sources)

@@ -154,3 +154,80 @@ def test_hub_rows_are_streamed_with_row_numbers(monkeypatch):
     got = list(iter_raw_records("owner/name", hub_split="train"))
     assert calls == {"name": "owner/name", "split": "train", "streaming": True}
     assert [(r.source, r.line, r.data["input"]) for r in got] == [("hub:owner/name", 1, "q"), ("hub:owner/name", 2, "q2")]
+
+
+# ------------------------------------------------------------------------------------ positions
+def _write_inputs(tmp_path) -> list:
+    """One file per input kind, with the layout quirks a seek must survive (blank lines, CRLF, a bad
+    record, a BOM, elements over several lines, trailing data, several parquet row groups)."""
+    rows = [{"input": f"q{i}", "target": "好" * (i % 5 + 1)} for i in range(12)]
+    lines = b"".join(json.dumps(r, ensure_ascii=False).encode() + (b"\r\n" if i % 3 else b"\n\n") for i, r in
+                     enumerate(rows)) + b"{bad\n  \n[1]\n"
+    array = ("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False, indent=1) for r in rows) + ",\n{bad},\n\"s\"\n] x\n")
+    paths = []
+    for name, data in (("a.jsonl", lines), ("lines.json", lines), ("a.json", array.encode()),
+                       ("bom.json", b"\xef\xbb\xbf" + array.encode()), ("comma.json", b"[1, {\"a\": 2},]")):
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    for name in ("a.jsonl", "a.json"):
+        (tmp_path / (name + ".gz")).write_bytes(gzip.compress((tmp_path / name).read_bytes()))
+        paths.append(tmp_path / (name + ".gz"))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet", row_group_size=5)
+    (tmp_path / "a.parquet.gz").write_bytes(gzip.compress((tmp_path / "a.parquet").read_bytes()))
+    return paths + [tmp_path / "a.parquet", tmp_path / "a.parquet.gz"]
+
+
+def _records(path, **kw):
+    return [(r.line, r.data, r.error.reason if r.error else None, r.position) for r in iter_raw_records(str(path), **kw)]
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_every_position_continues_with_the_records_after_it(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(sources, "_CHUNK", chunk)
+    for path in _write_inputs(tmp_path):
+        full = _records(path)
+        assert len(full) >= 3 and [p["records"] for *_, p in full] == list(range(1, len(full) + 1)), path.name
+        for k, (*_, position) in enumerate(full):
+            position = json.loads(json.dumps(position))  # checkpoints store it as JSON
+            assert _records(path, position=position) == full[k + 1:], (path.name, k)
+
+
+def test_resuming_a_json_array_parses_only_what_follows(tmp_path, monkeypatch):
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps([{"input": str(i), "target": "x"} for i in range(1000)]))
+    position = list(iter_raw_records(str(p)))[899].position
+    parsed = []
+    real_loads = sources.orjson.loads
+    monkeypatch.setattr(sources.orjson, "loads", lambda text: parsed.append(1) or real_loads(text))
+    assert [r.data["input"] for r in iter_raw_records(str(p), position=position)] == [str(i) for i in range(900, 1000)]
+    assert len(parsed) == 100
+
+
+def test_an_old_count_only_position_reads_up_to_the_count(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"input": str(i), "target": "x"} for i in range(10)]), tmp_path / "a.parquet")
+    got = [r.data["input"] for r in iter_raw_records(str(tmp_path / "a.parquet"), position={"records": 7})]
+    assert got == ["7", "8", "9"]
+
+
+def test_hub_stream_skips_only_when_opened_at_a_position(monkeypatch):
+    import datasets
+
+    class FakeStream:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def skip(self, n):
+            skipped.append(n)
+            return FakeStream(self.rows[n:])
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    skipped = []
+    rows = [{"input": f"q{i}", "target": "a"} for i in range(5)]
+    monkeypatch.setattr(sources, "check_hub_reachable", lambda name: None)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: FakeStream(rows))
+    full = list(iter_raw_records("owner/name"))
+    assert skipped == [] and [r.position for r in full] == [{"records": n} for n in range(1, 6)]
+    rest = list(iter_raw_records("owner/name", position=full[2].position))
+    assert skipped == [3] and [(r.line, r.data["input"]) for r in rest] == [(4, "q3"), (5, "q4")]
