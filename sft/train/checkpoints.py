@@ -173,6 +173,17 @@ def clear_run_end(output_dir: str | os.PathLike) -> None:
 # -------------------------------------------------------------------------------------- callback
 
 
+def finish_checkpoint(folder: str | os.PathLike, step: int, data_state: Any, args) -> None:
+    """After the Trainer wrote checkpoint `folder`: this process's data position, then (all ranks
+    done) COMPLETE. Called on every process; `args` the TrainingArguments (rank, world size, main)."""
+    if data_state is not None:
+        write_data_state(folder, data_state, args.process_index, args.world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's shards and data state are on disk
+    if args.should_save:
+        mark_complete(folder, step)
+
+
 class CompletionMarkerCallback(TrainerCallback):
     """After each save: write the data position, wait for every process, then COMPLETE last."""
 
@@ -194,12 +205,8 @@ class CompletionMarkerCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = self._checkpoint_dir(args, state)
-        if self.data_state_fn is not None:
-            write_data_state(folder, self.data_state_fn(state.global_step), args.process_index, args.world_size)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank's shards and data state are on disk
-        if args.should_save:
-            mark_complete(folder, state.global_step)
+        data_state = self.data_state_fn(state.global_step) if self.data_state_fn is not None else None
+        finish_checkpoint(folder, state.global_step, data_state, args)
 
 
 def checkpoint_args_overrides(has_eval: bool) -> dict[str, Any]:
