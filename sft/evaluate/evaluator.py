@@ -37,11 +37,7 @@ from sft.models import load_model
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
 from sft.tokens.stream import StreamOptions
-from sft.train.checkpoints import (
-    CHECKPOINT_RE,
-    COMPLETE_MARKER,
-    RUN_END_NAME,
-)
+from sft.train.checkpoints import complete_checkpoints, is_complete_checkpoint, read_run_end
 from sft.train.loss import loss_model_kwargs, make_loss_func
 
 logger = logging.getLogger(__name__)
@@ -166,23 +162,9 @@ class Target:
     label: str  # "base", "checkpoint-40", "final"
 
 
-def complete_checkpoints(run_dir: Path) -> list[Target]:
-    """checkpoint-N folders whose COMPLETE marker exists (written last by the trainer), by step."""
-    found = []
-    if run_dir.is_dir():
-        for child in run_dir.iterdir():
-            match = CHECKPOINT_RE.match(child.name)
-            if match and (child / COMPLETE_MARKER).is_file():
-                found.append(Target(int(match.group(1)), str(child), child.name))
-    return sorted(found, key=lambda t: t.step)
-
-
-def run_end(run_dir: Path) -> dict | None:
-    path = run_dir / RUN_END_NAME
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+def checkpoint_targets(run_dir: Path) -> list[Target]:
+    """The run's complete checkpoints (sft.train.checkpoints' listing), by step."""
+    return [Target(step, str(path), path.name) for step, path in complete_checkpoints(run_dir)]
 
 
 def final_target(run_dir: Path, end: dict | None) -> Target | None:
@@ -330,8 +312,8 @@ def _write_predictions(path: Path, rows: list[dict]) -> None:
 
 def pending_targets(setup: EvalSetup, done: dict[int, dict], skipped: set[str]) -> list[Target]:
     targets = [Target(BASE_STEP, setup.base_model, "base")] if setup.include_base and setup.base_model else []
-    targets += complete_checkpoints(setup.run_dir)
-    final = final_target(setup.run_dir, run_end(setup.run_dir))
+    targets += checkpoint_targets(setup.run_dir)
+    final = final_target(setup.run_dir, read_run_end(setup.run_dir))
     if final is not None and all(t.step != final.step for t in targets):
         targets.append(final)
     return [t for t in targets if t.step not in done and t.path not in skipped]
@@ -348,7 +330,7 @@ def evaluate_run(setup: EvalSetup, watch: bool = False, on_record: Callable[[dic
     idle_since = time.time()
     while True:
         done = read_done(setup.eval_dir)
-        ended = run_end(setup.run_dir) is not None  # read BEFORE listing: a checkpoint saved last is still seen
+        ended = read_run_end(setup.run_dir) is not None  # read BEFORE listing: a checkpoint saved last is still seen
         pending = pending_targets(setup, done, skipped)
         for target in pending:
             record = _evaluate_or_skip(target, setup, cache, skipped)
@@ -378,7 +360,7 @@ def _evaluate_or_skip(target: Target, setup: EvalSetup, cache: ModelCache, skipp
     try:
         return evaluate_target(target, setup, cache)
     except Exception as err:
-        gone = target.label.startswith("checkpoint-") and not (Path(target.path) / COMPLETE_MARKER).is_file()
+        gone = target.label.startswith("checkpoint-") and not is_complete_checkpoint(target.path)
         skipped.add(target.path)
         if gone:
             logger.warning("%s was deleted (checkpoint rotation) while being evaluated; skipped", target.label)

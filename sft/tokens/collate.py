@@ -114,6 +114,10 @@ def pack_collate(samples: list, pad_id: int | None = None) -> dict[str, Any]:
         [[1, 2, 3], [4], [5, 6]], pad 0 -> input_ids [[1, 2, 3], [5, 6, 4]], position_ids [[0, 1, 2], [0, 1, 0]]
     Each sample's first label is IGNORE_INDEX: predicting it would read the previous sample.
     "padding_tokens" counts the pad positions (there is no attention_mask to count them from).
+
+    The one-row layout is what transformers' DataCollatorWithFlattening builds (separator -100 as each
+    sample's first label, restarting position_ids); it is kept here because the several-rows layout
+    needs this code anyway, and one function for both keeps their labels and counts identical.
     """
     if not samples:
         raise ValueError("pack_collate got an empty batch")

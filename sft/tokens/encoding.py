@@ -65,9 +65,6 @@ class EncodedSample:
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
-    def to_dict(self) -> dict:
-        return {"input_ids": self.input_ids, "labels": self.labels}
-
 
 @dataclass
 class EncodeStats:

@@ -29,11 +29,6 @@ from sft.tokens.encoding import (
 _GREEN, _RESET = "\033[42;30m", "\033[0m"
 
 
-def render_preview(samples: Iterable[EncodedSample], tokenizer, color: bool) -> str:
-    """Each sample's text with trained spans marked, headed by its token and supervised counts."""
-    return "\n".join(render_sample(sample, tokenizer, color, f"sample {k}") for k, sample in enumerate(samples))
-
-
 def render_sample(sample: EncodedSample, tokenizer, color: bool, title: str) -> str:
     open_mark, close_mark = (_GREEN, _RESET) if color else ("[[", "]]")
     header = f"--- {title}: {sample.num_tokens} tokens, {sample.num_supervised} supervised"

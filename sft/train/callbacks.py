@@ -1,6 +1,7 @@
-"""Trainer callbacks for faults, logs and what users see; the HF Trainer is used as is.
+"""Trainer callbacks for faults and logs, and the run's outcome; the HF Trainer is used as is.
 
-The checkpoint contract (COMPLETE marker, data position, run_end.json) lives in sft.train.checkpoints.
+The checkpoint contract (COMPLETE marker, data position, run_end.json) lives in sft.train.checkpoints,
+the batch records (token counts, sample ids) in sft.train.collator.
 
 Logs: `<output_dir>/train_log.jsonl` gets one flushed JSON line per log (train and eval) with `step`,
 `epoch`, `time`; non-finite numbers are written as null. `loss_curve.png` is drawn at train end.
@@ -14,16 +15,14 @@ import os
 import signal
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 
-from sft.tokens.encoding import IGNORE_INDEX
-from sft.train.checkpoints import CompletionMarkerCallback, latest_complete_checkpoint
+from sft.train.checkpoints import CompletionMarkerCallback, Outcome, latest_complete_checkpoint
+from sft.train.collator import BatchStats, ThroughputCallback
 from sft.train.plots import plot_losses
 
 logger = logging.getLogger(__name__)
@@ -36,151 +35,20 @@ class TrainingStoppedError(RuntimeError):
     """Training stopped on a fault (a non-finite loss); the message says where and how to resume."""
 
 
-# ------------------------------------------------------------------------------ batch statistics
+class RunOutcome:
+    """How the run ended, shared by its callbacks (and by both phases of full_then_lora).
 
-
-class BatchStats:
-    """FIFO of per-batch token counts, fed by the collator and drained once per optimizer step.
-
-    The DataLoader runs ahead of the training loop (prefetch), so "the latest batch" is not the
-    batch being trained; FIFO order is. Each record is (real, supervised, padded) tokens:
-    real = attention_mask.sum() (in packed rows: input_ids.numel() - the collator's padding_tokens),
-    supervised = (labels != -100).sum(), padded = input_ids.numel() - real.
-    The collator must run in the training process (dataloader_num_workers=0): batches collated in
-    worker processes never reach this FIFO, and the callback then leaves the keys out.
+    FINISHED until a callback reports otherwise; a fault (NONFINITE) overrides an earlier stop, any
+    other report keeps the first one.
     """
 
     def __init__(self) -> None:
-        self._queue: deque[tuple[int, int, int]] = deque()
-        self._lock = threading.Lock()
-        self.paused = False  # set while evaluating: eval batches go through the same collator
+        self.outcome = Outcome.FINISHED
+        self.message = ""
 
-    def record(self, batch: dict) -> None:
-        if self.paused:
-            return
-        input_ids = torch.as_tensor(batch["input_ids"])
-        mask = batch.get("attention_mask")
-        total = input_ids.numel()
-        real = int(torch.as_tensor(mask).sum()) if mask is not None else total - batch.get("padding_tokens", 0)
-        labels = batch.get("labels")
-        supervised = int((torch.as_tensor(labels) != IGNORE_INDEX).sum()) if labels is not None else 0
-        with self._lock:
-            self._queue.append((real, supervised, total - real))
-
-    def pop(self, n: int) -> dict[str, int] | None:
-        """Sums over the next n recorded batches, or None when fewer than n were recorded."""
-        with self._lock:
-            if len(self._queue) < n:
-                self._queue.clear()
-                return None
-            rows = [self._queue.popleft() for _ in range(n)]
-        return {
-            "real_tokens": sum(r[0] for r in rows),
-            "supervised_tokens": sum(r[1] for r in rows),
-            "padded_tokens": sum(r[2] for r in rows),
-        }
-
-    def clear(self) -> None:
-        with self._lock:
-            self._queue.clear()
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-
-def recording_collator(collate: Callable[[list], dict], stats: BatchStats) -> Callable[[list], dict]:
-    """Wrap a collator so every batch it builds is counted in `stats` (the batch is unchanged)."""
-
-    def collate_and_record(features: list) -> dict:
-        batch = collate(features)
-        stats.record(batch)
-        return batch
-
-    return collate_and_record
-
-
-def _sum_over_processes(values: list[float], args) -> list[float]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=args.device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
-
-
-class ThroughputCallback(TrainerCallback):
-    """Adds tokens_per_second, supervised_tokens and padding_fraction to each training log.
-
-    Values cover the steps since the previous log, summed over all processes. Step time runs from
-    the end of one step to the end of the next, so data loading is included and time spent in
-    evaluation or saving is not. Must sit before the logging integrations (see attach_callbacks).
-    """
-
-    def __init__(self, stats: BatchStats):
-        self.stats = stats
-        self._micro_batches = 0
-        self._missing_warned = False
-        self._reset_window()
-
-    def _reset_window(self) -> None:
-        self._real = self._supervised = self._padded = 0
-        self._seconds = 0.0
-        self._complete = True
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.stats.clear()  # drop batches of an evaluate() run before train()
-        self.stats.paused = False
-        self._micro_batches = 0
-        self._reset_window()
-        self._mark = time.perf_counter()
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        self._micro_batches += 1
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        self._seconds += now - self._mark
-        self._mark = now
-        counts = self.stats.pop(self._micro_batches + 1)
-        self._micro_batches = 0
-        if counts is None:
-            self._complete = False
-        else:
-            self._real += counts["real_tokens"]
-            self._supervised += counts["supervised_tokens"]
-            self._padded += counts["padded_tokens"]
-        self._pause_if_evaluating(control)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._pause_if_evaluating(control)
-
-    def _pause_if_evaluating(self, control) -> None:
-        # The eval DataLoader uses the same collator; its batches must not enter the training FIFO.
-        if control.should_evaluate:
-            self.stats.paused = True
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.stats.paused = False
-        self._mark = time.perf_counter()
-
-    def on_save(self, args, state, control, **kwargs):
-        self._mark = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs:
-            return  # eval and end-of-training summaries
-        real, supervised, padded, complete = _sum_over_processes(
-            [self._real, self._supervised, self._padded, float(self._complete)], args)
-        world = args.world_size if torch.distributed.is_initialized() else 1
-        if complete < world:
-            if not self._missing_warned:
-                logger.warning("token statistics unavailable: the collator's batches were not recorded "
-                               "(is dataloader_num_workers > 0 or the collator not wrapped?)")
-                self._missing_warned = True
-        else:
-            logs["tokens_per_second"] = round(real / self._seconds, 1) if self._seconds > 0 else 0.0
-            logs["supervised_tokens"] = int(supervised)
-            logs["padding_fraction"] = round(padded / (real + padded), 4) if real + padded else 0.0
-        self._reset_window()
+    def set(self, outcome: Outcome, message: str) -> None:
+        if self.outcome is Outcome.FINISHED or outcome is Outcome.NONFINITE:
+            self.outcome, self.message = outcome, message
 
 
 # -------------------------------------------------------------------------------------- logs
@@ -258,11 +126,12 @@ class NonFiniteLossCallback(TrainerCallback):
     A non-finite loss makes every gradient non-finite, so checking gradients catches both. The
     check runs in on_pre_optimizer_step (after clipping, before optimizer.step()); dropping all
     gradients (p.grad = None) makes the optimizer skip every parameter, so the weights stay those
-    of the previous step. train.py then calls raise_if_nonfinite. (DeepSpeed keeps gradients
-    outside p.grad; this check does not see them.)
+    of the previous step. The run's outcome becomes NONFINITE, with where to resume in its message.
+    (DeepSpeed keeps gradients outside p.grad; this check does not see them.)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, outcome: "RunOutcome") -> None:
+        self.outcome = outcome
         self.bad_step: int | None = None
         self.kind: str | None = None
 
@@ -284,6 +153,11 @@ class NonFiniteLossCallback(TrainerCallback):
         for p in model.parameters():
             p.grad = None
         logger.error("loss became %s at step %d: gradients dropped, stopping without saving", self.kind, self.bad_step)
+        good = latest_complete_checkpoint(args.output_dir)
+        where = (f"the last good checkpoint is {Path(good).name} in {args.output_dir}" if good
+                 else f"no checkpoint was saved before it in {args.output_dir}")
+        self.outcome.set(Outcome.NONFINITE, f"loss became {self.kind} at step {self.bad_step}; {where} (resume with "
+                         "--resume_from_checkpoint auto after lowering the learning rate / checking the data)")
         self._stop(control)
 
     def _stop(self, control) -> None:
@@ -304,23 +178,6 @@ class NonFiniteLossCallback(TrainerCallback):
             self._stop(control)
 
 
-def nonfinite_message(callback: NonFiniteLossCallback, output_dir: str | os.PathLike) -> str | None:
-    if callback.bad_step is None:
-        return None
-    good = latest_complete_checkpoint(output_dir)
-    where = (f"the last good checkpoint is {Path(good).name} in {output_dir}" if good
-             else f"no checkpoint was saved before it in {output_dir}")
-    return (f"loss became {callback.kind} at step {callback.bad_step}; {where} (resume with "
-            f"--resume_from_checkpoint auto after lowering the learning rate / checking the data)")
-
-
-def raise_if_nonfinite(callback: NonFiniteLossCallback, output_dir: str | os.PathLike) -> None:
-    """Call after trainer.train() and before saving the final model."""
-    message = nonfinite_message(callback, output_dir)
-    if message:
-        raise TrainingStoppedError(message)
-
-
 class GracefulStopCallback(TrainerCallback):
     """SIGTERM/SIGINT: finish the current step (or evaluation), save a checkpoint, stop cleanly.
 
@@ -328,12 +185,13 @@ class GracefulStopCallback(TrainerCallback):
     KeyboardInterrupt at once (and a second SIGTERM kills) as usual. Handlers exist from train begin
     to train end; they need the main thread (elsewhere the callback only logs a warning). With a
     scheduler that kills after a grace period (Slurm, Kubernetes), the period must cover one step
-    plus one checkpoint save.
+    plus one checkpoint save. The run's outcome becomes SIGNALLED.
     """
 
     SIGNALS = ("SIGTERM", "SIGINT")
 
-    def __init__(self) -> None:
+    def __init__(self, outcome: "RunOutcome") -> None:
+        self.outcome = outcome
         self.signal_name: str | None = None
         self.stopped_step: int | None = None
         self._previous: dict[int, Any] = {}
@@ -358,6 +216,8 @@ class GracefulStopCallback(TrainerCallback):
             return False
         self.signal_name = self.signal_name or "a signal (on another process)"
         self.stopped_step = state.global_step
+        self.outcome.set(Outcome.SIGNALLED, f"stopped by {self.signal_name} at step {self.stopped_step}, "
+                         f"checkpoint-{self.stopped_step} saved; resume with --resume_from_checkpoint auto")
         return True
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -382,97 +242,50 @@ class GracefulStopCallback(TrainerCallback):
         self._previous.clear()
 
 
-class EarlyStopping(TrainerCallback):
-    """Stop when eval_loss has not improved by more than `threshold` for `patience` evaluations.
+class EarlyStopOutcome(TrainerCallback):
+    """Reports transformers' EarlyStoppingCallback's stop as the EARLY_STOPPED outcome (it sits right after it).
 
-    Own small callback rather than transformers.EarlyStoppingCallback: that one asserts
-    metric_for_best_model at train begin and reads state.best_metric, so it breaks when a run
-    has no metric set; this one only needs eval_loss in the metrics.
+    The Trainer updates state.best_metric after the evaluation's callbacks ran, so here it is still
+    the best value before this evaluation.
     """
 
-    def __init__(self, patience: int, threshold: float = 0.0):
-        if patience < 1:
-            raise ValueError(f"early stopping patience {patience}: must be >= 1 (0 disables it: do not add the callback)")
-        self.patience = patience
-        self.threshold = threshold
-        self.best: float | None = None
-        self.bad_evals = 0
-        self.stopped_step: int | None = None
+    def __init__(self, early: EarlyStoppingCallback, outcome: RunOutcome):
+        self.early, self.outcome = early, outcome
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        value = (metrics or {}).get("eval_loss")
-        if value is None or not math.isfinite(value):
-            return
-        if self.best is None or value < self.best - self.threshold:
-            self.best, self.bad_evals = value, 0
-            return
-        self.bad_evals += 1
-        if self.bad_evals >= self.patience:
-            control.should_training_stop = True
-            self.stopped_step = state.global_step
-            logger.warning("early stopping at step %d: eval_loss %.4f has not improved on %.4f for %d evaluations",
-                           state.global_step, value, self.best, self.bad_evals)
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.early.early_stopping_patience_counter >= self.early.early_stopping_patience:
+            message = (f"early stopping at step {state.global_step}: {args.metric_for_best_model} did not improve "
+                       f"on {state.best_metric:.4f} for {self.early.early_stopping_patience} evaluations")
+            logger.warning(message)
+            self.outcome.set(Outcome.EARLY_STOPPED, message)
 
 
 # ----------------------------------------------------------------------------------- wiring
 
 
-@dataclass
-class RunCallbacks:
-    """The callbacks of one run, kept so train.py can ask afterwards why training stopped."""
-
-    stats: BatchStats
-    throughput: ThroughputCallback
-    jsonl: JsonlLogCallback
-    plot: LossPlotCallback
-    marker: CompletionMarkerCallback
-    nonfinite: NonFiniteLossCallback
-    graceful: GracefulStopCallback
-    early: EarlyStopping | None = None
-
-
-def attach_callbacks(trainer, stats: BatchStats, data_state_fn: Callable[[int], Any] | None = None,
-                     early_stopping_patience: int = 0, early_stopping_threshold: float = 0.0,
-                     tensorboard: bool = True) -> RunCallbacks:
+def attach_callbacks(trainer, stats: BatchStats, outcome: RunOutcome, data_state_fn: Callable[[int], Any] | None = None,
+                     early_stopping_patience: int = 0, tensorboard: bool = True) -> None:
     """Add this module's callbacks to `trainer`, in the order they need.
 
     ThroughputCallback goes right after DefaultFlowCallback: it must see the flow's should_evaluate,
     and its keys must be in the logs dict before TensorBoard, train_log.jsonl and the progress bar
     read it. NonFiniteLossCallback goes last so its "no save" wins over every other callback.
+    Early stopping needs the args of checkpoint_args_overrides(has_eval=True) (metric_for_best_model).
     """
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import DefaultFlowCallback
 
     output_dir = trainer.args.output_dir
-    run = RunCallbacks(
-        stats=stats, throughput=ThroughputCallback(stats), jsonl=JsonlLogCallback(output_dir),
-        plot=LossPlotCallback(output_dir), marker=CompletionMarkerCallback(data_state_fn),
-        nonfinite=NonFiniteLossCallback(), graceful=GracefulStopCallback(),
-        early=EarlyStopping(early_stopping_patience, early_stopping_threshold) if early_stopping_patience else None,
-    )
     handler = trainer.callback_handler.callbacks
     flow_index = next((i for i, cb in enumerate(handler) if isinstance(cb, DefaultFlowCallback)), -1)
-    handler.insert(flow_index + 1, run.throughput)
+    handler.insert(flow_index + 1, ThroughputCallback(stats))
     if tensorboard and not any(isinstance(cb, TensorBoardCallback) for cb in handler):
         trainer.add_callback(TensorBoardCallback())
-    for callback in (run.jsonl, run.plot, run.early, run.graceful, run.marker, run.nonfinite):
-        if callback is not None:
-            trainer.add_callback(callback)
-    return run
-
-
-def stop_message(run: RunCallbacks) -> str | None:
-    """Why a run ended before max_steps without a fault, for train.py to print; None otherwise."""
-    if run.graceful.stopped_step is not None:
-        step = run.graceful.stopped_step
-        return (f"stopped by {run.graceful.signal_name} at step {step}, checkpoint-{step} saved; "
-                f"resume with --resume_from_checkpoint auto")
-    if run.early is not None and run.early.stopped_step is not None:
-        return (f"early stopping at step {run.early.stopped_step}: eval_loss did not improve on "
-                f"{run.early.best:.4f} for {run.early.patience} evaluations")
-    return None
-
-
-# ------------------------------------------------------------------------------------ banner
-
-
+    callbacks: list[TrainerCallback] = [JsonlLogCallback(output_dir), LossPlotCallback(output_dir)]
+    if early_stopping_patience:
+        early = EarlyStoppingCallback(early_stopping_patience)
+        callbacks += [early, EarlyStopOutcome(early, outcome)]
+    callbacks += [GracefulStopCallback(outcome), CompletionMarkerCallback(data_state_fn),
+                  NonFiniteLossCallback(outcome)]
+    for callback in callbacks:
+        trainer.add_callback(callback)

@@ -3,23 +3,28 @@
     written last (after the weights or adapter, tokenizer with chat template, trainer state,
     optimizer/RNG state and `data_state.json`), atomically (temp file + os.replace), and holds
     `{"step": N, "time": <unix seconds>}`. Never load a checkpoint without it: it may be half-written
-    or left over from a crash. `latest_complete_checkpoint(output_dir)` applies this rule.
+    or left over from a crash. `complete_checkpoints(output_dir)` applies this rule (the one listing;
+    `latest_complete_checkpoint` and the evaluator use it).
   * Rotation (`save_total_limit`) may delete ANY older checkpoint at any time, also one that the
     evaluator is reading. The evaluator must tolerate this: treat FileNotFoundError/OSError while
     loading as "checkpoint gone, skip it" (files it has already opened stay readable on POSIX).
   * When training writes a checkpoint-N folder that already exists (a restarted run reaching the
     same step), COMPLETE is removed before the Trainer starts overwriting it.
   * Data position: `checkpoint-N/data_state.json` (one process) or `data_state-rank{r}.json` (several);
-    read it back with `read_data_state`.
-  * When the run is over (finished, stopped by a signal, or failed), `<output_dir>/run_end.json` is
-    written last: a watching evaluator exits once it exists and nothing is pending.
+    written with `write_data_state`, read back with `read_data_state`.
+  * When the run is over, `<output_dir>/run_end.json` is written last (`write_run_end`): `status`
+    finished / stopped / failed, `outcome` (an `Outcome` value), `message`, `last_checkpoint`,
+    `final_model` (set when output_dir holds the final model) and `global_step`. A watching evaluator
+    exits once it exists and nothing is pending.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,60 +33,155 @@ from transformers import TrainerCallback
 
 from sft.files import write_json_atomic
 
+logger = logging.getLogger(__name__)
+
 COMPLETE_MARKER = "COMPLETE"
 DATA_STATE_NAME = "data_state.json"
 RUN_END_NAME = "run_end.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+class Outcome(Enum):
+    """How a training run ended; the callbacks set it, the run's finish step reads it."""
+
+    FINISHED = "finished"  # reached max_steps
+    EARLY_STOPPED = "early_stopped"  # validation loss stopped improving; the model is final
+    SIGNALLED = "signalled"  # SIGTERM/SIGINT: a checkpoint was saved, resume from it
+    NONFINITE = "nonfinite"  # NaN/inf gradients: stopped before applying them, nothing saved after
+    FAILED = "failed"  # an exception
+
+    @property
+    def saves_final_model(self) -> bool:
+        return self in (Outcome.FINISHED, Outcome.EARLY_STOPPED)
+
+    @property
+    def status(self) -> str:
+        """run_end.json's coarse `status`, which watchers read: finished, stopped or failed."""
+        if self.saves_final_model:
+            return "finished"
+        return "stopped" if self is Outcome.SIGNALLED else "failed"
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / COMPLETE_MARKER).is_file()
 
 
-def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The checkpoint-N with the highest N that has a COMPLETE marker (for --resume_from_checkpoint auto)."""
-    root = Path(output_dir)
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """[(N, run_dir/checkpoint-N), ...] for every checkpoint with a COMPLETE marker, by step."""
+    root = Path(run_dir)
     if not root.is_dir():
-        return None
+        return []
     found = []
     for child in root.iterdir():
         match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and is_complete_checkpoint(child):
+        if match and is_complete_checkpoint(child):
             found.append((int(match.group(1)), child))
-    return str(max(found)[1]) if found else None
+    return sorted(found)
 
 
-def write_run_end(output_dir: str | os.PathLike, status: str, message: str = "",
-                  final_model: str | os.PathLike | None = None, global_step: int | None = None) -> None:
-    """Mark the run as over (finished / stopped / failed) for a watching evaluator; written last.
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint-N with the highest N that has a COMPLETE marker (for --resume_from_checkpoint auto)."""
+    found = complete_checkpoints(output_dir)
+    return str(found[-1][1]) if found else None
 
-    final_model and global_step say which model output_dir itself holds, and at which step.
+
+def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | None:
+    """--resume_from_checkpoint -> a complete checkpoint folder, or None to start fresh.
+
+    "auto" takes the latest complete checkpoint in output_dir (none: start fresh); a folder must
+    exist and be complete.
     """
-    latest = latest_complete_checkpoint(output_dir)
-    write_json_atomic(Path(output_dir) / RUN_END_NAME, {
-        "status": status, "message": message, "time": round(time.time(), 3),
-        "last_checkpoint": os.path.basename(latest) if latest else None,
-        "final_model": str(final_model) if final_model else None, "global_step": global_step,
-    })
+    if not value:
+        return None
+    if value == "auto":
+        found = latest_complete_checkpoint(output_dir)
+        if found:
+            logger.info("Resuming from %s", found)
+        else:
+            logger.info("--resume_from_checkpoint auto: no complete checkpoint in %s, starting fresh", output_dir)
+        return found
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    if not is_complete_checkpoint(value):
+        raise ValueError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete (no COMPLETE marker; "
+                         "the run was killed while saving it). Use an earlier checkpoint or 'auto'.")
+    return str(value)
 
 
-def clear_run_end(output_dir: str | os.PathLike) -> None:
-    (Path(output_dir) / RUN_END_NAME).unlink(missing_ok=True)
+def mark_complete(folder: str | os.PathLike, step: int) -> None:
+    """Write COMPLETE: call last, once everything else of the checkpoint is on disk."""
+    write_json_atomic(Path(folder) / COMPLETE_MARKER, {"step": step, "time": round(time.time(), 3)})
+
+
+# ----------------------------------------------------------------------------------- data state
 
 
 def data_state_name(rank: int, world_size: int) -> str:
     return DATA_STATE_NAME if world_size <= 1 else f"data_state-rank{rank}.json"
 
 
+def write_data_state(folder: str | os.PathLike, value: Any, rank: int = 0, world_size: int = 1) -> None:
+    """Store this process's data position in checkpoint `folder`."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(folder) / data_state_name(rank, world_size), value)
+
+
 def read_data_state(checkpoint: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Any:
-    """The value `data_state_fn` returned when `checkpoint` was saved, for this process."""
+    """The data position `write_data_state` stored in `checkpoint` for this process."""
     path = Path(checkpoint) / data_state_name(rank, world_size)
     if not path.is_file():
         written = sorted(p.name for p in Path(checkpoint).glob("data_state*.json"))
         raise FileNotFoundError(
             f"{path} not found (checkpoint has {written or 'no data state'}); resume with the same number "
-            f"of processes ({world_size} now) or restart the data from the beginning")
+            f"of processes ({world_size} now), or start without --resume_from_checkpoint: a checkpoint "
+            "without data_state.json was not written by hf_sft.py and its stream position is unknown")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# -------------------------------------------------------------------------------------- run end
+
+
+def write_run_end(output_dir: str | os.PathLike, outcome: Outcome, message: str = "",
+                  final_model: str | os.PathLike | None = None, global_step: int | None = None) -> None:
+    """Mark the run as over for a watching evaluator; written last.
+
+    final_model and global_step say which model output_dir itself holds, and at which step.
+    """
+    latest = latest_complete_checkpoint(output_dir)
+    write_json_atomic(Path(output_dir) / RUN_END_NAME, {
+        "status": outcome.status, "outcome": outcome.value, "message": message, "time": round(time.time(), 3),
+        "last_checkpoint": os.path.basename(latest) if latest else None,
+        "final_model": str(final_model) if final_model else None, "global_step": global_step,
+    })
+
+
+def read_run_end(output_dir: str | os.PathLike) -> dict | None:
+    """run_end.json's fields, or None while the run is still going (or the file is being replaced)."""
+    try:
+        return json.loads((Path(output_dir) / RUN_END_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def clear_run_end(output_dir: str | os.PathLike) -> None:
+    (Path(output_dir) / RUN_END_NAME).unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------------------- callback
+
+
+def finish_checkpoint(folder: str | os.PathLike, step: int, data_state: Any, args) -> None:
+    """After the Trainer wrote checkpoint `folder`: this process's data position, then (all ranks
+    done) COMPLETE. Called on every process; `args` the TrainingArguments (rank, world size, main)."""
+    if data_state is not None:
+        write_data_state(folder, data_state, args.process_index, args.world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's shards and data state are on disk
+    if args.should_save:
+        mark_complete(folder, step)
 
 
 class CompletionMarkerCallback(TrainerCallback):
@@ -105,14 +205,8 @@ class CompletionMarkerCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = self._checkpoint_dir(args, state)
-        if self.data_state_fn is not None:
-            value = self.data_state_fn(state.global_step)
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(folder / data_state_name(args.process_index, args.world_size), value)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank's shards and data state are on disk
-        if args.should_save:
-            write_json_atomic(folder / COMPLETE_MARKER, {"step": state.global_step, "time": round(time.time(), 3)})
+        data_state = self.data_state_fn(state.global_step) if self.data_state_fn is not None else None
+        finish_checkpoint(folder, state.global_step, data_state, args)
 
 
 def checkpoint_args_overrides(has_eval: bool) -> dict[str, Any]:

@@ -27,8 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft.files import atomic_path
 from sft.models import load_model
@@ -79,9 +80,11 @@ class SwitchAtStep(TrainerCallback):
 
 
 def switch_step(full_ratio: float, max_steps: int) -> int:
-    """The last full fine-tuning step; LoRA trains steps switch_step+1 .. max_steps."""
-    if not 0.0 < full_ratio < 1.0:
-        raise ValueError(f"--full_ratio {full_ratio}: must be between 0 and 1 (exclusive)")
+    """The last full fine-tuning step; LoRA trains steps switch_step+1 .. max_steps.
+
+    The range of full_ratio itself is checked with the other flags (MethodArguments.problems); this
+    check needs max_steps, which is known only when training starts.
+    """
     step = round(full_ratio * max_steps)
     if not 1 <= step < max_steps:
         raise ValueError(
@@ -98,14 +101,17 @@ def run_full_then_lora(
     tokenizer,
     method_args,
     training_args,
-    resume_from_checkpoint: str | bool | None = None,
+    resume_from_checkpoint: str | None = None,
+    finish_checkpoint: Callable[[Path, int], None] | None = None,
     before_lora_phase: Callable[[str], None] | None = None,
 ):
     """Train `model` (prepared as full fine-tuning) with the hybrid method; return the LoRA PeftModel.
 
     make_trainer(model, training_args) -> transformers.Trainer builds the Trainer (datasets, collator,
-    loss, callbacks); it is called once per phase. resume_from_checkpoint: a checkpoint folder, True
-    for the latest checkpoint-N in output_dir, or None. before_lora_phase(checkpoint_X_dir) runs after
+    loss, callbacks); it is called once per phase. resume_from_checkpoint: a checkpoint folder
+    (sft.train.checkpoints.resolve_resume) or None. finish_checkpoint(checkpoint_X_dir, X) completes
+    the phase-2 start checkpoint as the run's on_save callbacks complete every other one (data
+    position, COMPLETE marker); it runs on every process. before_lora_phase(checkpoint_X_dir) runs after
     the switch, before LoRA trains: a stateful data stream restores its position there (map-style
     datasets need nothing: the Trainer skips the consumed batches itself). When resuming from a LoRA
     checkpoint it is not called: restore the stream from that checkpoint as for any resume.
@@ -114,7 +120,7 @@ def run_full_then_lora(
     stopped early (signal, early stopping, non-finite loss): then no switch happens.
     """
     output_dir = Path(training_args.output_dir)
-    checkpoint = _resolve_checkpoint(resume_from_checkpoint, output_dir)
+    checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
     if checkpoint is not None and is_adapter_dir(checkpoint):
         logger.info("full_then_lora: resuming phase 2 (LoRA) from %s", checkpoint)
         lora_model = apply_lora(_load_switch_weights(output_dir, model), method_args, training_args)
@@ -144,9 +150,8 @@ def run_full_then_lora(
     phase2 = make_trainer(lora_model, training_args)
     start = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{switch.switch_step}"
     _write_phase2_start(phase2, lora_model, tokenizer, phase1.state, start, training_args)
-    # Let the run's own on_save callbacks finish checkpoint-X like any checkpoint (e.g. the data
-    # position and a completion marker), with phase 1's state: step X, its data stream.
-    phase1.callback_handler.on_save(phase1.args, phase1.state, phase1.control)
+    if finish_checkpoint is not None:
+        finish_checkpoint(start, switch.switch_step)
     del phase1
     if switch.stop_requested:  # e.g. SIGTERM at step X: checkpoint-X is the LoRA start; resume from it
         logger.warning("full_then_lora: stop requested at the switch step %d; resume from %s",
@@ -155,21 +160,6 @@ def run_full_then_lora(
     if before_lora_phase is not None:
         before_lora_phase(str(start))
     return _train_lora_phase(phase2, start)
-
-
-def _resolve_checkpoint(resume: str | bool | None, output_dir: Path) -> Path | None:
-    if resume is None or resume is False:
-        return None
-    if resume is True:
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
-            raise ValueError(f"--resume_from_checkpoint: no checkpoint-N folder in {output_dir} to resume from. "
-                             "Start without it, or pass a checkpoint folder.")
-        return Path(last)
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
-    return path
 
 
 def _save_switch_weights(model, tokenizer, output_dir: Path, step: int, max_steps: int, method_args) -> Path:
@@ -221,22 +211,23 @@ def _write_phase2_start(trainer, lora_model, tokenizer, phase1_state: TrainerSta
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    # A fresh optimizer for the new LoRA parameters (built as the Trainer will build it, so the
-    # parameter groups match), and the scheduler where one run would be after X steps.
-    optimizer = trainer.create_optimizer()
-    scheduler = trainer.create_scheduler(num_training_steps=phase1_state.max_steps, optimizer=optimizer)
+    # A fresh optimizer for the new LoRA parameters, built by the phase-2 Trainer itself so its parameter
+    # groups are those any later resume of phase 2 builds, and the scheduler where one run would be
+    # after X steps.
+    trainer.create_optimizer_and_scheduler(num_training_steps=phase1_state.max_steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
         for _ in range(phase1_state.global_step):
-            scheduler.step()
+            trainer.lr_scheduler.step()
     if main:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    # train() builds its own from the args and then loads the two files above.
+        torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+        torch.save(trainer.lr_scheduler.state_dict(), tmp / SCHEDULER_NAME)
+    # train() resumes from this folder like from any checkpoint: it builds the pair again (it always
+    # rebuilds a scheduler it created) and loads the two files above.
     trainer.optimizer = trainer.lr_scheduler = None
 
     if main:
-        _write_state(phase1_state, tmp / "trainer_state.json")
+        _write_state(phase1_state, tmp / TRAINER_STATE_NAME)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     _barrier()
@@ -249,9 +240,8 @@ def _write_state(phase1_state: TrainerState, path: Path) -> None:
     state = copy.deepcopy(phase1_state)
     # Phase 1's own end-of-train() summary describes a partial call; phase 2 writes the run's.
     state.log_history = [entry for entry in state.log_history if "train_runtime" not in entry]
-    # Phase 1 ended with should_training_stop set; phase 2 must not inherit that.
-    state.stateful_callbacks = dict(state.stateful_callbacks or {})
-    state.stateful_callbacks["TrainerControl"] = TrainerControl().state()
+    # stateful_callbacks are kept as phase 1 last saved them: train() restores them only with
+    # restore_callback_states_from_checkpoint, and then as at that phase-1 checkpoint.
     state.save_to_json(str(path))
 
 

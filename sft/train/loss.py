@@ -14,9 +14,9 @@ gradient-accumulation window, gathered over all processes when `average_tokens_a
 the applied gradient is the mean over every supervised token of the optimizer step:
 batch 4 x accumulation 1 equals batch 1 x accumulation 4.
 
-Wiring (in train.py):
+Wiring (sft.train.run; sft.train.collator.training_collator adds `loss_model_kwargs()` to each batch):
 
-    trainer = Trainer(..., data_collator=with_loss_kwargs(collator),
+    trainer = Trainer(..., data_collator=training_collator(stats, sample_log),
                       compute_loss_func=make_loss_func(model, autocast_dtype=torch.bfloat16 if bf16 else None))
 """
 from __future__ import annotations
@@ -44,17 +44,6 @@ def loss_model_kwargs() -> dict[str, Any]:
     returned hidden state is copied to fp32, so asking for all layers would cost layers x tokens x hidden.
     """
     return {"output_hidden_states": -1, "logits_to_keep": 1}
-
-
-def with_loss_kwargs(collator: Callable[[list], dict]) -> Callable[[list], dict]:
-    """Wrap a data collator so each batch also carries `loss_model_kwargs()` for the model's forward."""
-
-    def collate_with_loss_kwargs(features: list) -> dict:
-        batch = collator(features)
-        batch.update(loss_model_kwargs())
-        return batch
-
-    return collate_with_loss_kwargs
 
 
 def make_loss_func(
@@ -151,8 +140,8 @@ def final_hidden_state(outputs: Any) -> torch.Tensor:
     hidden_states = outputs.get("hidden_states") if hasattr(outputs, "get") else None
     if not hidden_states:
         raise ValueError(
-            "compute_loss_func: the model output has no hidden_states. The batch must ask for them: wrap the "
-            "collator with sft.train.loss.with_loss_kwargs(collator) (or add sft.train.loss.loss_model_kwargs() to the inputs)"
+            "compute_loss_func: the model output has no hidden_states. The batch must ask for them: add "
+            "sft.train.loss.loss_model_kwargs() to the inputs (sft.train.collator.training_collator does)"
         )
     return hidden_states[-1]
 
@@ -196,7 +185,7 @@ def _check_head_reproduces_logits(
         state["full_logits_warned"] = True
         logger.warning(
             "compute_loss_func: the model computed logits for all %d positions; pass logits_to_keep=1 "
-            "(sft.train.loss.with_loss_kwargs) so full-vocabulary logits are not materialized", logits.shape[1]
+            "(sft.train.loss.loss_model_kwargs) so full-vocabulary logits are not materialized", logits.shape[1]
         )
     with torch.no_grad():
         ours = chunk_logits(hidden[:, -1].detach())

@@ -1,5 +1,8 @@
 """hf_sft.py's job: wire config -> tokenizer -> stream -> model/method -> HF Trainer -> checkpoints.
 
+    run_training(config) = setup (stream, args, model) -> fit (one Trainer, or two for
+    full_then_lora) -> finish (act on the Outcome the callbacks set: final model, run_end.json)
+
 Stages live in their own modules (data, encoding, methods, loss, callbacks); this module only
 connects them and owns the run-level decisions: precision, step count, resume position.
 """
@@ -11,18 +14,33 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from sft.config import ConfigError, SFTConfig, write_resolved_config
 from sft.data.sources import parse_sources
 from sft.models import load_tokenizer
-from sft.tokens.collate import unwrap_collate
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
 from sft.tokens.stream import StreamOptions, TrainStream, count_records
+from sft.train.banner import start_banner
+from sft.train.callbacks import RunOutcome, TrainingStoppedError, attach_callbacks
+from sft.train.checkpoints import (
+    Outcome,
+    clear_run_end,
+    finish_checkpoint,
+    read_data_state,
+    resolve_resume,
+    write_run_end,
+)
+from sft.train.collator import BatchStats, SampleIdLog, training_collator
+from sft.train.hybrid import run_full_then_lora
+from sft.train.loss import make_loss_func
+from sft.train.methods import count_parameters, load_model_for_method, prepare_model, save_final
 
 logger = logging.getLogger(__name__)
 
@@ -76,35 +94,6 @@ def stream_options_for(config: SFTConfig) -> StreamOptions:
     )
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    from sft.train.checkpoints import is_complete_checkpoint, latest_complete_checkpoint
-
-    if not value:
-        return None
-    if value == "auto":
-        found = latest_complete_checkpoint(output_dir)
-        if found:
-            logger.info("Resuming from %s", found)
-        else:
-            logger.info("--resume_from_checkpoint auto: no complete checkpoint in %s, starting fresh", output_dir)
-        return found
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
-    if not is_complete_checkpoint(value):
-        raise ValueError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete (no COMPLETE marker; "
-                         "the run was killed while saving it). Use an earlier checkpoint or 'auto'.")
-    return value
-
-
-def load_data_state(checkpoint: str, rank: int) -> dict:
-    for name in (f"data_state-rank{rank}.json", "data_state.json"):
-        path = Path(checkpoint) / name
-        if path.is_file():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(f"{checkpoint} has no data_state.json: it was not written by hf_sft.py and its "
-                            "stream position is unknown")
-
-
 def compute_max_steps(config: SFTConfig, sources, world_size: int) -> int:
     t = config.training
     if t.max_steps and t.max_steps > 0:
@@ -137,30 +126,68 @@ def run_preview(config: SFTConfig, tokenizer) -> int:
     return 0
 
 
-def run_training(config: SFTConfig) -> int:
-    from transformers import Trainer, set_seed
+@dataclass
+class TrainingRun:
+    """What setup() builds for fit() and finish(): one training run, before any step."""
 
-    from sft.train.checkpoints import clear_run_end, write_run_end
-    from sft.train.hybrid import run_full_then_lora
-    from sft.train.loss import make_loss_func
-    from sft.train.methods import (
-        count_parameters,
-        load_model_for_method,
-        prepare_model,
-        save_final,
-    )
-    from sft.train import callbacks as cb
-    from sft.train.banner import start_banner
+    config: SFTConfig
+    args: Any  # the TrainingArguments handed to the Trainer
+    tokenizer: Any
+    model: Any
+    stream: TrainStream
+    eval_batches: list
+    collate: Callable[[list], dict]
+    sample_log: SampleIdLog
+    stats: BatchStats
+    precision: str
+    resume: str | None
+    max_steps: int
+    outcome: RunOutcome = field(default_factory=RunOutcome)
+    extra_callbacks: tuple = ()
+    trainers: list = field(default_factory=list)  # one per phase (full_then_lora has two)
+
+    @property
+    def main_process(self) -> bool:
+        return self.args.process_index == 0
+
+    def data_state_at(self, step: int) -> dict:
+        return self.stream.state_at(step * self.args.gradient_accumulation_steps)
+
+
+def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] = ()) -> int:
+    """hf_sft.py's run: setup -> fit -> finish; run_end.json says how it ended, also on an error.
+
+    extra_callbacks are added to every Trainer of the run (tests use them to inject faults).
+    """
+    from transformers import set_seed
 
     if not config.training.use_cpu and not torch.cuda.is_available():
         # Decide the device before anything reads world_size/process_index (gloo on CPU).
         config.training = dataclasses.replace(config.training, use_cpu=True)
-    t = config.training
-    set_seed(t.seed)
+    set_seed(config.training.seed)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model, config.model.trust_remote_code)
     if config.data.preview:
         return run_preview(config, tokenizer)
+    run = setup(config, tokenizer, tuple(extra_callbacks))
+    output_dir = run.args.output_dir
+    if run.main_process:
+        clear_run_end(output_dir)  # a resumed run is running again: watchers must keep waiting
+        trainable, total = count_parameters(run.model)
+        print(start_banner(config, trainable, total, world_size=run.args.world_size, max_steps=run.max_steps),
+              flush=True)
+    try:
+        finish(run, fit(run))
+    except BaseException as err:
+        if run.main_process:
+            outcome = Outcome.NONFINITE if isinstance(err, TrainingStoppedError) else Outcome.FAILED
+            write_run_end(output_dir, outcome, f"{type(err).__name__}: {err}", global_step=_global_step(run))
+        raise
+    return 0
 
+
+def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> TrainingRun:
+    """Data stream (restored when resuming), validation batches, TrainingArguments, prepared model."""
+    t = config.training
     sources = parse_sources(config.data.data, config.data.format)
     rank, world = t.process_index, t.world_size
     encode_options = encode_options_for(config)
@@ -171,13 +198,16 @@ def run_training(config: SFTConfig) -> int:
     stream = TrainStream(sources, tokenizer, encode_options, stream_options, rank=rank, world_size=world,
                          rejects_path=os.path.join(t.output_dir, f"train_rejects-rank{rank}.jsonl"))
     if resume:
-        stream.load_state(load_data_state(resume, rank))
+        stream.load_state(read_data_state(resume, rank, world))
     eval_batches = build_eval_batches(_validation_conversations(config, sources), tokenizer, encode_options,
                                       dataclasses.replace(stream_options, batch_size=t.per_device_eval_batch_size))
+    if config.data.early_stopping_patience and not eval_batches:
+        raise ConfigError(f"--early_stopping_patience {config.data.early_stopping_patience}: the validation data "
+                          "gave no batches (every record was rejected?); early stopping needs a validation loss")
 
     precision = resolve_precision(config.model.precision, t.bf16, t.fp16)
     args = _trainer_args(config, max_steps, precision, has_eval=bool(eval_batches))
-    if t.process_index == 0:
+    if rank == 0:
         write_resolved_config(config, t.output_dir)
 
     model = prepare_model(load_model_for_method(config.model, config.method, args), config.method, args)
@@ -186,58 +216,64 @@ def run_training(config: SFTConfig) -> int:
         model.config.use_cache = False
     if config.data.packing and not stream_options.pack_one_row:
         check_packing_isolation(model, tokenizer, config.model.model)
-    stats = cb.BatchStats()
+    stats = BatchStats()
     sample_log = SampleIdLog(os.path.join(t.output_dir, f"sample_ids-rank{rank}.jsonl")
                              if config.data.log_sample_ids else None, args.gradient_accumulation_steps)
-    collate = training_collator(stats, sample_log)
-    runs: list = []
-    trainers: list = []  # one per phase (full_then_lora has two)
+    return TrainingRun(config=config, args=args, tokenizer=tokenizer, model=model, stream=stream,
+                       eval_batches=eval_batches, collate=training_collator(stats, sample_log), sample_log=sample_log,
+                       stats=stats, precision=precision, resume=resume, max_steps=max_steps,
+                       extra_callbacks=extra_callbacks)
 
-    def make_trainer(model_, args_):
-        trainer = Trainer(model=model_, args=args_, train_dataset=stream, eval_dataset=eval_batches or None,
-                          data_collator=collate, processing_class=tokenizer,
-                          compute_loss_func=make_loss_func(model_, autocast_dtype=_autocast_dtype(precision)))
-        runs.append(cb.attach_callbacks(
-            trainer, stats, data_state_fn=lambda step: stream.state_at(step * args_.gradient_accumulation_steps),
-            early_stopping_patience=config.data.early_stopping_patience,
-            tensorboard="tensorboard" in (args_.report_to or [])))
-        trainer.add_callback(sample_log)
-        trainers.append(trainer)
-        if os.environ.get("SFT_FAULT_KILL_AFTER_SAVE"):
-            trainer.add_callback(KillAfterSave(int(os.environ["SFT_FAULT_KILL_AFTER_SAVE"])))
-        return trainer
 
-    if rank == 0:
-        clear_run_end(t.output_dir)  # a resumed run is running again: watchers must keep waiting
-        trainable, total = count_parameters(model)
-        print(start_banner(config, trainable, total, world_size=world, max_steps=max_steps), flush=True)
-    try:
-        if config.method.finetuning_type == "full_then_lora":
-            # Phase 2 must continue the stream where phase 1 stopped, not restart it.
-            model = run_full_then_lora(make_trainer, model, tokenizer, config.method, args, resume,
-                                       before_lora_phase=lambda ckpt: stream.load_state(load_data_state(ckpt, rank)))
-        else:
-            make_trainer(model, args).train(resume_from_checkpoint=resume)
-        for run in runs:
-            cb.raise_if_nonfinite(run.nonfinite, t.output_dir)
-    except BaseException as err:
-        if rank == 0:
-            write_run_end(t.output_dir, "failed", f"{type(err).__name__}: {err}")
-        raise
-    stopped = next((m for m in (cb.stop_message(run) for run in runs) if m), None)
-    if rank == 0:
-        if stopped and "early stopping" not in stopped:
-            logger.warning(stopped)
-        else:
-            save_final(model, tokenizer, t.output_dir, config.method)
-            if stopped:
-                logger.info(stopped)
-        _write_summary(t.output_dir, stream)
-        final = stopped is None or "early stopping" in stopped
-        write_run_end(t.output_dir, "finished" if final else "stopped", stopped or "",
-                      final_model=t.output_dir if final else None, global_step=trainers[-1].state.global_step)
-        logger.info("Finished: %s; data: %s; %s", t.output_dir, stream.counters, stream.encode_stats.summary())
-    return 0
+def make_trainer(run: TrainingRun, model, args) -> Trainer:
+    """One HF Trainer over the run's stream, collator, loss and callbacks (full_then_lora makes two)."""
+    trainer = Trainer(model=model, args=args, train_dataset=run.stream, eval_dataset=run.eval_batches or None,
+                      data_collator=run.collate, processing_class=run.tokenizer,
+                      compute_loss_func=make_loss_func(model, autocast_dtype=_autocast_dtype(run.precision)))
+    attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
+                     early_stopping_patience=run.config.data.early_stopping_patience,
+                     tensorboard="tensorboard" in (args.report_to or []))
+    for callback in (run.sample_log, *run.extra_callbacks):
+        trainer.add_callback(callback)
+    run.trainers.append(trainer)
+    return trainer
+
+
+def fit(run: TrainingRun):
+    """Train to max_steps or until a callback stops the run; returns the trained model."""
+    if run.config.method.finetuning_type != "full_then_lora":
+        make_trainer(run, run.model, run.args).train(resume_from_checkpoint=run.resume)
+        return run.trainers[-1].model
+    rank, world = run.args.process_index, run.args.world_size
+    return run_full_then_lora(
+        lambda model, args: make_trainer(run, model, args), run.model, run.tokenizer, run.config.method, run.args,
+        run.resume,
+        finish_checkpoint=lambda folder, step: finish_checkpoint(folder, step, run.data_state_at(step), run.args),
+        # Phase 2 must continue the stream where phase 1 stopped, not restart it.
+        before_lora_phase=lambda ckpt: run.stream.load_state(read_data_state(ckpt, rank, world)))
+
+
+def finish(run: TrainingRun, model) -> None:
+    """Act on the outcome: a fault raises; otherwise save the final model if it is final, write run_end.json."""
+    outcome = run.outcome
+    if outcome.outcome is Outcome.NONFINITE:
+        raise TrainingStoppedError(outcome.message)
+    if not run.main_process:
+        return
+    output_dir = run.args.output_dir
+    final = outcome.outcome.saves_final_model
+    if final:
+        save_final(model, run.tokenizer, output_dir, run.config.method)
+    if outcome.message:
+        (logger.info if final else logger.warning)(outcome.message)
+    _write_summary(output_dir, run.stream)
+    write_run_end(output_dir, outcome.outcome, outcome.message, final_model=output_dir if final else None,
+                  global_step=_global_step(run))
+    logger.info("Finished: %s; data: %s; %s", output_dir, run.stream.counters, run.stream.encode_stats.summary())
+
+
+def _global_step(run: TrainingRun) -> int | None:
+    return run.trainers[-1].state.global_step if run.trainers else None
 
 
 def check_packing_isolation(model, tokenizer, name: str) -> None:
@@ -250,26 +286,6 @@ def check_packing_isolation(model, tokenizer, name: str) -> None:
                           f"{leak:.1%} when two samples share a row). Its attention does not build the "
                           "per-sample mask from position_ids; train it with --packing false.")
     logger.info("Packing isolation checked: packed and separate logits agree (relative difference %.1e)", leak)
-
-
-def training_collator(stats, sample_log: "SampleIdLog"):
-    """Unwrap the stream's pre-collated batch, record its stats, add the loss's model kwargs.
-
-    Evaluation batches (no sample ids) go through the same collator but are not counted.
-    """
-    from sft.train.loss import loss_model_kwargs
-
-    def collate(items: list[dict]) -> dict:
-        batch = dict(unwrap_collate(items))
-        ids = batch.pop("sample_ids", None)
-        if ids is not None:
-            sample_log.record(ids)
-            stats.record(batch)
-        batch.pop("padding_tokens", None)  # a count for the stats, not a model input
-        batch.update(loss_model_kwargs())
-        return batch
-
-    return collate
 
 
 def _autocast_dtype(precision: str):
@@ -299,43 +315,6 @@ def _trainer_args(config: SFTConfig, max_steps: int, precision: str, has_eval: b
         changes.update(checkpoint_args_overrides(False))
     args = dataclasses.replace(t, **changes)
     return args
-
-
-class SampleIdLog(TrainerCallback):
-    """Writes the sample ids used by each optimizer step (for reproducibility checks)."""
-
-    def __init__(self, path: str | None, accumulation: int):
-        self.path, self.accumulation, self.pending = path, accumulation, []
-
-    def record(self, ids: list[str]) -> None:
-        if self.path:
-            self.pending.append(ids)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # A new train() call (full_then_lora's phase 2) starts a new DataLoader: ids the previous one
-        # had prefetched were never trained, and the restored stream reads those samples again.
-        self.pending = []
-        return control
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.path:
-            used, self.pending = self.pending[:self.accumulation], self.pending[self.accumulation:]
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, "ids": [i for ids in used for i in ids]}) + "\n")
-        return control
-
-
-class KillAfterSave(TrainerCallback):
-    """Fault injection for tests: SIGKILL this process right after checkpoint-N is complete."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_summary(output_dir: str, stream: TrainStream) -> None:

@@ -21,9 +21,9 @@ def _write_data(path: Path, n: int) -> None:
                                                   {"from": "gpt", "value": a}]}, ensure_ascii=False) + "\n")
 
 
-def _train(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
-    cmd = (launcher or [sys.executable]) + ["hf_sft.py", "--model", "tiny-qwen2", "--report_to", "none",
+def _train(args: list[str], launcher: list[str] | None = None, script: list[str] = ("hf_sft.py",)):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = (launcher or [sys.executable]) + [*script, "--model", "tiny-qwen2", "--report_to", "none",
                                             "--max_length", "96", "--learning_rate", "1e-3", "--warmup_steps", "0",
                                             "--log_sample_ids", "true", "--precision", "fp32"] + args
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -51,7 +51,8 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     straight = _train(common + ["--output_dir", str(tmp_path / "straight")])
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = _train(common + ["--output_dir", str(tmp_path / "resumed")], {"SFT_FAULT_KILL_AFTER_SAVE": "3"})
+    killed = _train(common + ["--output_dir", str(tmp_path / "resumed")],
+                    script=[str(Path(__file__).with_name("fault_launcher.py")), "--kill_after_save", "3"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (tmp_path / "resumed" / "checkpoint-3" / "COMPLETE").exists()
     assert not (tmp_path / "resumed" / "checkpoint-6").exists()

@@ -1,7 +1,7 @@
 
 from sft.conversation import Conversation, Message
 from sft.tokens.encoding import EncodeOptions, encode_conversation
-from sft.tokens.preview import preview, render_preview
+from sft.tokens.preview import preview, render_sample
 
 CONVS = [
     Conversation([Message("user", "Hi"), Message("assistant", "Hello!")], system="S"),
@@ -32,9 +32,9 @@ def test_colour_uses_ansi_codes(qwen):
     assert "\033[42;30mHello!<|im_end|>\033[0m" in text and "[[" not in text
 
 
-def test_render_preview_reports_truncation(qwen):
+def test_render_sample_reports_truncation(qwen):
     sample = encode_conversation(CONVS[0], qwen, EncodeOptions(max_length=16))
-    assert render_preview([sample], qwen, color=False) == (
+    assert render_sample(sample, qwen, color=False, title="sample 0") == (
         "--- sample 0: 16 tokens, 1 supervised (truncated)\n"
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Hello]]"
     )

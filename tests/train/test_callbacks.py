@@ -1,6 +1,7 @@
 """Checkpoint markers, fault handling, logs and the banner, on a real HF Trainer with tiny-qwen2 on CPU."""
 import json
 import os
+import re
 import signal
 from types import SimpleNamespace
 
@@ -9,23 +10,17 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sft.train.banner import start_banner
-from sft.train.callbacks import (
-    BatchStats,
-    EarlyStopping,
-    GracefulStopCallback,
-    TrainingStoppedError,
-    attach_callbacks,
-    raise_if_nonfinite,
-    recording_collator,
-    stop_message,
-)
+from sft.train.callbacks import GracefulStopCallback, RunOutcome, attach_callbacks
 from sft.train.checkpoints import (
     COMPLETE_MARKER,
+    Outcome,
     checkpoint_args_overrides,
+    complete_checkpoints,
     is_complete_checkpoint,
     latest_complete_checkpoint,
     read_data_state,
 )
+from sft.train.collator import BatchStats
 from sft.train.plots import loss_series, plot_losses, read_train_log
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -56,6 +51,17 @@ def pad_collate(features):
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
+def recording_pad_collate(stats):
+    """pad_collate that counts training batches in `stats`, as the training collator does."""
+
+    def collate(features):
+        batch = pad_collate(features)
+        stats.record(batch)
+        return batch
+
+    return collate
+
+
 def make_trainer(out, model, max_steps, stats, data_state_fn=None, eval_rows=None, extra=(), patience=0,
                  tokenizer=None, **overrides):
     settings = dict(output_dir=str(out), use_cpu=True, report_to="none", max_steps=max_steps,
@@ -63,10 +69,11 @@ def make_trainer(out, model, max_steps, stats, data_state_fn=None, eval_rows=Non
                     save_only_model=True, disable_tqdm=True, remove_unused_columns=False, seed=0)
     settings.update(overrides)
     trainer = Trainer(model=model, args=TrainingArguments(**settings), train_dataset=random_rows(24),
-                      eval_dataset=eval_rows, data_collator=recording_collator(pad_collate, stats),
+                      eval_dataset=eval_rows, data_collator=recording_pad_collate(stats),
                       processing_class=tokenizer, callbacks=list(extra))
-    run = attach_callbacks(trainer, stats, data_state_fn, early_stopping_patience=patience)
-    return trainer, run
+    outcome = RunOutcome()
+    attach_callbacks(trainer, stats, outcome, data_state_fn, early_stopping_patience=patience)
+    return trainer, outcome
 
 
 class AtStep(TrainerCallback):
@@ -108,24 +115,17 @@ def test_latest_complete_checkpoint_ignores_unfinished_ones(tmp_path):
         if complete:
             (folder / COMPLETE_MARKER).write_text("{}")
     (tmp_path / "checkpoint-x").mkdir()
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / COMPLETE_MARKER).write_text("{}")
+    assert complete_checkpoints(tmp_path) == [(5, tmp_path / "checkpoint-5"), (10, tmp_path / "checkpoint-10"),
+                                              (20, tmp_path / "checkpoint-20")]  # by step, not by name
     assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
     assert not is_complete_checkpoint(tmp_path / "checkpoint-30")
     assert latest_complete_checkpoint(tmp_path / "missing") is None
 
 
-def test_early_stopping_needs_patience_evaluations_without_improvement():
-    stop = EarlyStopping(patience=2, threshold=0.01)
-    control = SimpleNamespace(should_training_stop=False)
-    for step, loss in ((10, 2.0), (20, 1.5), (30, 1.495), (40, 1.6)):
-        stop.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_loss": loss})
-        assert control.should_training_stop is (step == 40)
-    assert (stop.best, stop.bad_evals, stop.stopped_step) == (1.5, 2, 40)
-    with pytest.raises(ValueError, match="patience 0: must be >= 1"):
-        EarlyStopping(patience=0)
-
-
 def test_second_sigint_interrupts_at_once():
-    graceful = GracefulStopCallback()
+    graceful = GracefulStopCallback(RunOutcome())
     before = signal.getsignal(signal.SIGINT)
     graceful.on_train_begin(None, None, None)
     try:
@@ -141,7 +141,8 @@ def test_second_sigint_interrupts_at_once():
 def test_signal_during_a_save_stops_after_that_checkpoint():
     from transformers import TrainerControl
 
-    graceful = GracefulStopCallback()
+    outcome = RunOutcome()
+    graceful = GracefulStopCallback(outcome)
     graceful.on_train_begin(None, None, None)
     try:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -150,6 +151,7 @@ def test_signal_during_a_save_stops_after_that_checkpoint():
     finally:
         graceful.on_train_end(None, None, None)
     assert (control.should_training_stop, control.should_save, graceful.stopped_step) == (True, False, 7)
+    assert outcome.outcome is Outcome.SIGNALLED
 
 
 def test_plot_losses_standalone(tmp_path):
@@ -227,8 +229,7 @@ def test_checkpoints_complete_loadable_and_logged(tmp_path, qwen_tokenizer):
     assert "train_runtime" in records[-1]
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == PNG_SIGNATURE
     assert list(tmp_path.glob("runs/*/events.out.tfevents.*")), "TensorBoard event file missing"
-    assert stop_message(run) is None
-    raise_if_nonfinite(run.nonfinite, tmp_path)  # no fault: no error
+    assert (run.outcome, run.message) == (Outcome.FINISHED, "")
 
 
 def test_nan_loss_stops_before_the_update_and_saves_nothing_after(tmp_path):
@@ -252,9 +253,9 @@ def test_nan_loss_stops_before_the_update_and_saves_nothing_after(tmp_path):
     assert trainer.state.global_step == 3
     assert all(torch.equal(after_step_2[k], v) for k, v in model.state_dict().items())
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
-    with pytest.raises(TrainingStoppedError, match=r"loss became nan at step 3; the last good checkpoint is "
-                                                  r"checkpoint-2 .*--resume_from_checkpoint auto"):
-        raise_if_nonfinite(run.nonfinite, tmp_path)
+    assert run.outcome is Outcome.NONFINITE
+    assert re.fullmatch(r"loss became nan at step 3; the last good checkpoint is checkpoint-2 in .*"
+                        r"--resume_from_checkpoint auto.*", run.message)
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
@@ -267,8 +268,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
     assert is_complete_checkpoint(tmp_path / "checkpoint-2")
     assert signal.getsignal(signal.SIGTERM) is before
-    assert stop_message(run) == ("stopped by SIGTERM at step 2, checkpoint-2 saved; "
-                                 "resume with --resume_from_checkpoint auto")
+    assert run.outcome is Outcome.SIGNALLED
+    assert run.message == "stopped by SIGTERM at step 2, checkpoint-2 saved; resume with --resume_from_checkpoint auto"
 
 
 def test_rotation_keeps_best_and_early_stopping_on_rising_eval_loss(tmp_path):
@@ -293,7 +294,8 @@ def test_rotation_keeps_best_and_early_stopping_on_rising_eval_loss(tmp_path):
     assert trainer.state.global_step == 3  # evals: 1 best, 2 and 3 worse -> patience 2 reached
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
     assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-1")
-    assert stop_message(run).startswith("early stopping at step 3: eval_loss did not improve")
+    assert run.outcome is Outcome.EARLY_STOPPED
+    assert run.message.startswith("early stopping at step 3: eval_loss did not improve on ")
     records = read_train_log(tmp_path / "train_log.jsonl")
     assert [r["supervised_tokens"] for r in records if "loss" in r] == [10, 10, 10]
     assert [r["step"] for r in records if "eval_loss" in r] == [1, 2, 3]

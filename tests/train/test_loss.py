@@ -12,7 +12,6 @@ from sft.train.loss import (
     IGNORE_INDEX,
     loss_model_kwargs,
     make_loss_func,
-    with_loss_kwargs,
 )
 
 # Four samples: (input ids, number of leading prompt tokens with label -100). Supervised lengths differ
@@ -55,6 +54,11 @@ def pad_batch(features: list[dict]) -> dict:
         batch["labels"].append(f["labels"] + [IGNORE_INDEX] * gap)
         batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * gap)
     return {k: torch.tensor(v) for k, v in batch.items()}
+
+
+def pad_batch_with_loss_kwargs(features):
+    """What the training collator hands the model: the batch plus loss_model_kwargs()."""
+    return {**pad_batch(features), **loss_model_kwargs()}
 
 
 def pack_batch(features: list[dict]) -> dict:
@@ -217,7 +221,7 @@ def trainer_gradients(model, tmp_path, batch_size: int, accumulation: int) -> di
         return loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
 
     trainer = Trainer(
-        model=model, args=args, train_dataset=features(), data_collator=with_loss_kwargs(pad_batch),
+        model=model, args=args, train_dataset=features(), data_collator=pad_batch_with_loss_kwargs,
         compute_loss_func=recording_loss_func, callbacks=[recorder],
     )
     trainer.train()
@@ -251,14 +255,14 @@ def test_trainer_evaluate_matches_plain_loss(tiny_qwen2, tmp_path):
         return trainer.evaluate()["eval_loss"]
 
     plain = eval_loss(data_collator=pad_batch)
-    ours = eval_loss(data_collator=with_loss_kwargs(pad_batch), compute_loss_func=make_loss_func(tiny_qwen2))
+    ours = eval_loss(data_collator=pad_batch_with_loss_kwargs, compute_loss_func=make_loss_func(tiny_qwen2))
     assert abs(ours - plain) < 1e-5
 
 
 def test_missing_hidden_states_says_how_to_fix(tiny_qwen2):
     batch = pad_batch(features()[:1])
     outputs = tiny_qwen2(input_ids=batch["input_ids"], logits_to_keep=1)
-    with pytest.raises(ValueError, match="with_loss_kwargs"):
+    with pytest.raises(ValueError, match="loss_model_kwargs"):
         make_loss_func(tiny_qwen2)(outputs, batch["labels"])
 
 

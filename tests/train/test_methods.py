@@ -195,7 +195,13 @@ def _hybrid_run(output_dir, tokenizer, resume=None, switched: list | None = None
     args = _args(output_dir, max_steps=5, save_strategy="steps", save_steps=1)
     model = prepare_model(load_model(MODEL), method, args)
     hook = switched.append if switched is not None else None
-    return run_full_then_lora(make_trainer, model, tokenizer, method, args, resume, before_lora_phase=hook)
+    return run_full_then_lora(make_trainer, model, tokenizer, method, args, resume, finish_checkpoint=_mark_switch,
+                              before_lora_phase=hook)
+
+
+def _mark_switch(folder, step):
+    """The run's finish_checkpoint for checkpoint-X: what _MarkSaved does for every other checkpoint."""
+    (folder / "SAVED").write_text(str(step))
 
 
 def _state(checkpoint) -> dict:
@@ -234,7 +240,7 @@ def test_full_then_lora_is_one_schedule(hybrid_run):
     assert names == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4", "checkpoint-5"]
     assert (output_dir / "checkpoint-1" / "model.safetensors").is_file()  # phase 1: full weights
     assert all((output_dir / n / "adapter_model.safetensors").is_file() for n in names[1:])
-    # The switch checkpoint was finished by the run's on_save callbacks and announced once.
+    # The switch checkpoint was finished by the run's finish_checkpoint, the others by on_save, each once.
     assert [(output_dir / n / "SAVED").read_text() for n in names] == ["1", "2", "3", "4", "5"]
     assert switched == [str(output_dir / "checkpoint-2")]
     state = _state(output_dir / "checkpoint-5")
@@ -254,7 +260,7 @@ def test_full_then_lora_resumes_from_a_lora_checkpoint(hybrid_run, tmp_path, tok
     for name in ("checkpoint-4", "checkpoint-5"):
         shutil.rmtree(copy / name)
     switched: list[str] = []
-    resumed = _hybrid_run(copy, tokenizer, resume=True, switched=switched)
+    resumed = _hybrid_run(copy, tokenizer, resume=str(copy / "checkpoint-3"), switched=switched)
     assert switched == []  # resumed inside phase 2: no switch happens
     state = _state(copy / "checkpoint-5")
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5]
@@ -302,7 +308,8 @@ def test_full_then_lora_stop_at_the_switch_step_leaves_a_lora_start(tmp_path, to
         return trainer
 
     switched: list[str] = []
-    result = run_full_then_lora(stopping_trainer, model, tokenizer, method, args, before_lora_phase=switched.append)
+    result = run_full_then_lora(stopping_trainer, model, tokenizer, method, args, finish_checkpoint=_mark_switch,
+                                before_lora_phase=switched.append)
     assert isinstance(result, _PeftModel) and switched == []
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert (tmp_path / "run" / "checkpoint-2" / "adapter_config.json").is_file()

@@ -1,0 +1,43 @@
+"""sft.train.collator.training_collator: the collate_fn the Trainer gets in production."""
+import json
+
+import torch
+
+from sft.train.collator import BatchStats, SampleIdLog, training_collator
+
+
+def stream_batch():
+    """A micro-batch as sft.tokens.stream yields it (pre-collated; packed, so with padding_tokens)."""
+    return {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 0]]), "labels": torch.tensor([[-100, 6, 7, -100, 9, -100]]),
+            "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]]), "use_cache": False, "padding_tokens": 1,
+            "sample_ids": ["a.jsonl:1", "a.jsonl:2"]}
+
+
+def test_unwraps_records_and_adds_the_loss_kwargs(tmp_path):
+    stats, log = BatchStats(), SampleIdLog(str(tmp_path / "ids.jsonl"), accumulation=1)
+    batch = stream_batch()
+    out = training_collator(stats, log)([batch])
+    assert set(out) == {"input_ids", "labels", "position_ids", "use_cache", "output_hidden_states", "logits_to_keep"}
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(out[key], batch[key])
+    assert (out["use_cache"], out["output_hidden_states"], out["logits_to_keep"]) == (False, -1, 1)
+    assert "sample_ids" in batch and "padding_tokens" in batch  # the stream's batch itself is left alone
+    assert stats.pop(1) == {"real_tokens": 5, "supervised_tokens": 3, "padded_tokens": 1}
+    log.on_step_end(None, type("State", (), {"global_step": 1})(), None)
+    assert json.loads((tmp_path / "ids.jsonl").read_text()) == {"step": 1, "ids": ["a.jsonl:1", "a.jsonl:2"]}
+
+
+def test_eval_batches_are_not_counted(tmp_path):
+    stats, log = BatchStats(), SampleIdLog(str(tmp_path / "ids.jsonl"), accumulation=1)
+    eval_batch = {"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]]),
+                  "labels": torch.tensor([[-100, 2, -100]])}  # build_eval_batches: no sample ids
+    out = training_collator(stats, log)([eval_batch])
+    assert torch.equal(out["attention_mask"], eval_batch["attention_mask"]) and out["logits_to_keep"] == 1
+    assert len(stats) == 0 and log.pending == []
+
+
+def test_refuses_a_dataloader_batch_of_several_items():
+    import pytest
+
+    with pytest.raises(ValueError, match="per-DataLoader batch size must be 1, got 2"):
+        training_collator(BatchStats(), SampleIdLog(None, 1))([stream_batch(), stream_batch()])
