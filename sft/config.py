@@ -307,7 +307,8 @@ def build_parser(groups: Sequence[type], prog: str, description: str | None = No
     """
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(tuple(groups), prog=prog, description=description,
+    # allow_abbrev=False: a flag is its exact name, as a YAML key is (argparse would take --max_new_token)
+    parser = HfArgumentParser(tuple(groups), prog=prog, description=description, allow_abbrev=False,
                               formatter_class=OneDefaultHelpFormatter)
     parser.error = _raise_config_error  # a bad value is a ConfigError like any other, not sys.exit(2)
     parser.add_argument("--config", metavar="FILE.yaml",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sft.train.checkpoints import write_text_atomic
+from sft.files import write_text_atomic
 from sft.train.plots import loss_series, read_train_log, save_figure
 
 REPORT_NAME = "report.md"
