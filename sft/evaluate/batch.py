@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from sft.conversation import PLAIN_TEXT, Conversation
 from sft.config import parse_args
+from sft.conversation import PLAIN_TEXT, Conversation
 from sft.evaluate.chat import OUTPUT_KEYS, PROMPT_KEYS
 from sft.evaluate.inference import (
     Generated,

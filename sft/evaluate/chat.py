@@ -12,8 +12,8 @@ from typing import Any, Iterable, Iterator, TextIO
 
 import torch
 
-from sft.conversation import Conversation, Message
 from sft.config import parse_args
+from sft.conversation import Conversation, Message
 from sft.evaluate.inference import (
     Generated,
     GenerationOptions,

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 import hf_sft_eval
-from sft.config import ConfigError, parse_config, write_resolved_config
+from sft.config import parse_config, write_resolved_config
 from sft.evaluate.cli import parse_eval_args
 from sft.evaluate.evaluator import EvalSetup
 from sft.evaluate.options import GenerationOptions
