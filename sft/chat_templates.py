@@ -7,6 +7,9 @@ block. One difference on purpose: bare function schemas in `tools` are wrapped a
 renders exactly like data that stores wrapped ones.
 """
 
+# The --template names (sft.tokens.template renders them; sft.config validates the flag against them).
+TEMPLATES = ("auto", "qwen2.5", "chatml", "tokenizer")
+
 # Tokens that end an assistant turn in the common chat templates (never usable as padding).
 TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 

@@ -1,27 +1,35 @@
-"""The one configuration source: dataclass groups + the HF TrainingArguments.
+"""The one configuration source: dataclass argument groups, parsed the same way by all three scripts.
 
-Precedence: dataclass defaults < project defaults for TrainingArguments < `--config file.yaml`
-< command-line flags. A YAML file is a flat mapping of flag names (as in LLaMA-Factory); an unknown
-key is an error naming the key and the closest valid names. Every run writes the resolved config
-to `<output_dir>/sft_config.yaml`.
+    groups = parse_args((BuildOptions,), argv, prog="sft_data_builder.py", positional="inputs")
+    config = parse_config(argv)                       # training: model, data, method + TrainingArguments
+    config = load_run_config("outputs/demo")          # the evaluator: a run's resolved config, same parser
+
+Precedence: dataclass defaults < project defaults < `--config file.yaml` < command-line flags. A YAML
+file is a flat mapping of flag names (as in LLaMA-Factory); an unknown key or flag is an error naming
+it and the closest valid names. Each group checks itself in `problems()` (and what this machine cannot
+do in `machine_problems()`); every problem found is reported in one ConfigError, before any model
+loads. Every training run writes its resolved config to `<output_dir>/sft_config.yaml`.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import yaml
 
+from sft.chat_templates import TEMPLATES
 from sft.files import write_text_atomic
 from sft.models import DEFAULT_MODEL
 
-TEMPLATES = ("auto", "qwen2.5", "chatml", "tokenizer")
 FINETUNING_TYPES = ("full", "freeze", "lora", "dora", "qlora", "prompt_tuning", "full_then_lora")
+LORA_FAMILY = ("lora", "dora", "qlora", "full_then_lora")  # methods whose result is an adapter (mergeable)
 DEFAULT_DATA = ["data/demo_train.jsonl"]
+RUN_CONFIG_NAME = "sft_config.yaml"
 
 
 class ConfigError(ValueError):
@@ -109,6 +117,11 @@ class DataArguments:
                        f"least --max_length ({self.max_length}) tokens")
         if self.train_on_prompt and self.last_turn_only:
             out.append("--train_on_prompt and --last_turn_only cannot be combined")
+        if self.early_stopping_patience < 0:
+            out.append(f"--early_stopping_patience {self.early_stopping_patience}: must be >= 0 (0: off)")
+        elif self.early_stopping_patience and not (self.val_data or self.val_size):
+            out.append(f"--early_stopping_patience {self.early_stopping_patience} needs validation data to watch: "
+                       "give --val_data FILE or --val_size N, or drop --early_stopping_patience")
         return out
 
 
@@ -134,7 +147,28 @@ class MethodArguments:
             out.append(f"--lora_rank {self.lora_rank}: must be >= 1")
         if not 0.0 < self.full_ratio < 1.0:
             out.append(f"--full_ratio {self.full_ratio}: must be between 0 and 1 (exclusive)")
+        if self.save_merged and self.finetuning_type in FINETUNING_TYPES and self.finetuning_type not in LORA_FAMILY:
+            why = ("a soft prompt cannot be merged into the weights" if self.finetuning_type == "prompt_tuning"
+                   else "full and freeze runs already save full weights")
+            out.append(f"--save_merged only applies to LoRA-family methods ({', '.join(LORA_FAMILY)}), not "
+                       f"--finetuning_type {self.finetuning_type}: {why}. Drop --save_merged")
         return out
+
+    def machine_problems(self) -> list[str]:
+        """What this machine cannot run (checked for training, not when a CPU evaluator reads the run)."""
+        import importlib.util
+
+        import torch
+
+        if self.finetuning_type != "qlora":
+            return []
+        if not torch.cuda.is_available():
+            return ["--finetuning_type qlora needs a CUDA GPU: bitsandbytes 4-bit (NF4) weights only run on CUDA, "
+                    "and no GPU is visible here. On CPU use --finetuning_type lora (same adapter, full-precision base)"]
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return ["--finetuning_type qlora needs the bitsandbytes package on a CUDA GPU: pip install bitsandbytes "
+                    "(or use --finetuning_type lora)"]
+        return []
 
 
 GROUPS = (ModelArguments, DataArguments, MethodArguments)
@@ -155,6 +189,10 @@ PROJECT_TRAINING_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,
     "seed": 42,
 }
+
+# What a CPU evaluator changes when it reads a run's resolved config: the run's precision and device
+# settings describe the trainer's machine (TrainingArguments refuses bf16 on a CPU without use_cpu).
+CPU_READER_OVERRIDES: dict[str, Any] = {"use_cpu": True, "bf16": False, "fp16": False, "deepspeed": None}
 
 
 @dataclass
@@ -185,15 +223,40 @@ def _training_field_names() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
+def _field_names(groups: Sequence[type]) -> set[str]:
+    return {f.name for group in groups for f in dataclasses.fields(group) if f.init}
+
+
+def _training_groups() -> tuple[type, ...]:
+    from transformers import TrainingArguments
+
+    return (*GROUPS, TrainingArguments)
+
+
 def valid_keys() -> set[str]:
-    keys = _training_field_names()
-    for group in GROUPS:
-        keys |= {f.name for f in dataclasses.fields(group)}
-    return keys
+    """Every training flag / YAML key."""
+    return _field_names(_training_groups())
 
 
-def load_yaml_config(path: str) -> dict[str, Any]:
-    """Read a flat YAML mapping of flag names; unknown keys are an error naming each one."""
+# ------------------------------------------------------------------------------------- parsing
+
+
+class OneDefaultHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already says its default, or it is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, argparse.SUPPRESS, [])
+                or isinstance(action, argparse._StoreFalseAction) or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def load_yaml_config(path: str, groups: Sequence[type] | None = None) -> dict[str, Any]:
+    """Read a flat YAML mapping of flag names; unknown keys are an error naming each one.
+
+    groups: the argument groups the keys must belong to (default: training's).
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: file not found")
@@ -203,7 +266,7 @@ def load_yaml_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML: {err}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}")
-    known = valid_keys()
+    known = _field_names(groups) if groups is not None else valid_keys()
     unknown = [k for k in values if k not in known]
     if unknown:
         hints = []
@@ -232,45 +295,143 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def parse_config(argv: list[str] | None = None) -> SFTConfig:
-    """Parse `--config x.yaml` + flags into an SFTConfig; raises ConfigError listing every problem."""
-    from transformers import HfArgumentParser, TrainingArguments
+def _raise_config_error(message: str):
+    raise ConfigError(message)
 
+
+def build_parser(groups: Sequence[type], prog: str, description: str | None = None,
+                 positional: str | None = None):
+    """The HfArgumentParser of `groups` (one flag per field); `--help` shows each default once.
+
+    positional: a list field that also takes the bare (non-flag) arguments, e.g. the builder's inputs.
+    """
+    from transformers import HfArgumentParser
+
+    # allow_abbrev=False: a flag is its exact name, as a YAML key is (argparse would take --max_new_token)
+    parser = HfArgumentParser(tuple(groups), prog=prog, description=description, allow_abbrev=False,
+                              formatter_class=OneDefaultHelpFormatter)
+    parser.error = _raise_config_error  # a bad value is a ConfigError like any other, not sys.exit(2)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML mapping of flag names to values, used as defaults: flags given here override it.")
+    if positional:
+        help_text = next(f.metadata.get("help", "") for g in groups for f in dataclasses.fields(g)
+                         if f.name == positional)
+        parser.add_argument(f"{positional}_positional", nargs="*", metavar=positional.upper().rstrip("S"),
+                            help=f"{help_text} (or --{positional})")
+    return parser
+
+
+def parse_args(groups: Sequence[type], argv: Sequence[str], prog: str, description: str | None = None,
+               defaults: dict[str, Any] | None = None, positional: str | None = None, check_machine: bool = True,
+               cross_checks: Callable[..., list[str]] | None = None) -> tuple:
+    """Parse `--config x.yaml` + flags into one instance per group; raises ConfigError listing every problem.
+
+    defaults: values that beat the dataclass defaults (the YAML file and the flags beat them).
+    cross_checks(*instances) -> problems: checks that span groups.
+    check_machine: also run each group's machine_problems() (what this machine cannot do).
+    """
+    config_file, args = _split_config_flag(list(argv))
+    parser = build_parser(groups, prog, description, positional)
+    values = dict(defaults or {})
+    if config_file:
+        values.update(load_yaml_config(config_file, groups))
+    parser.set_defaults(**values)
+    for action in parser._actions:  # a value from the YAML file satisfies a required flag
+        if action.dest in values:
+            action.required = False
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True,
+                                                              look_for_args_file=False)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:  # a group's own __post_init__ (TrainingArguments) refusing a value
+        raise ConfigError(str(err)) from err
+    instances, extra = parsed[:len(groups)], (parsed[len(groups)] if len(parsed) > len(groups) else None)
+    if unknown:
+        flags = [arg for arg in unknown if arg.startswith("-")] or unknown
+        known = _field_names(groups)
+        raise ConfigError("unknown argument" + ("s " if len(flags) > 1 else " ") + "; ".join(
+            _flag_hint(arg, known) for arg in flags))
+    if positional and getattr(extra, f"{positional}_positional", None):
+        _take_positionals(instances, positional, getattr(extra, f"{positional}_positional"), args)
+    problems = [p for group in instances for p in (group.problems() if hasattr(group, "problems") else [])]
+    if check_machine:
+        problems += [p for group in instances if hasattr(group, "machine_problems") for p in group.machine_problems()]
+    if cross_checks is not None:
+        problems += cross_checks(*instances)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid configuration: {problems[0]}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return tuple(instances)
+
+
+def _take_positionals(instances: list, name: str, values: list[str], args: list[str]) -> None:
+    """Bare arguments go to the list field `name`, after any given with --name (they replace a YAML value)."""
+    owner = next(group for group in instances if hasattr(group, name))
+    flagged = any(a == f"--{name}" or a.startswith(f"--{name}=") for a in args)
+    setattr(owner, name, (list(getattr(owner, name)) if flagged else []) + list(values))
+
+
+def _flag_hint(arg: str, known: set[str]) -> str:
+    if not arg.startswith("--"):
+        return repr(arg)
+    close = difflib.get_close_matches(arg[2:].split("=")[0].replace("-", "_"), sorted(known), n=2)
+    return repr(arg) + (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else "")
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _training_cross_checks(model: ModelArguments, data: DataArguments, method: MethodArguments,
+                           training: Any) -> list[str]:
+    if data.packing and method.finetuning_type == "prompt_tuning":
+        return ["--packing with --finetuning_type prompt_tuning: the virtual tokens are prepended to every "
+                "row, so packed samples would share them and see each other; use --packing false"]
+    return []
+
+
+def parse_config(argv: list[str] | None = None, check_machine: bool = True,
+                 overrides: dict[str, Any] | None = None) -> SFTConfig:
+    """Training's flags (`--config x.yaml` + flags) -> SFTConfig; raises ConfigError listing every problem.
+
+    overrides: values that beat the YAML file (flags still beat them).
+    """
     argv = list(argv) if argv is not None else []
-    config_file, argv = _split_config_flag(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, TrainingArguments))
+    config_file, rest = _split_config_flag(argv)
     defaults = dict(PROJECT_TRAINING_DEFAULTS)
     if config_file:
         defaults.update(load_yaml_config(config_file))
-    parser.set_defaults(**defaults)
-    model, data, method, training, unknown = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
-    if unknown:
-        flags = [arg for arg in unknown if arg.startswith("-")] or unknown
-        raise ConfigError("unknown argument" + ("s " if len(flags) > 1 else " ") + "; ".join(
-            _flag_hint(arg) for arg in flags))
-    problems = model.problems() + data.problems() + method.problems()
-    if data.packing and method.finetuning_type == "prompt_tuning":
-        problems.append("--packing with --finetuning_type prompt_tuning: the virtual tokens are prepended to every "
-                        "row, so packed samples would share them and see each other; use --packing false")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    defaults.update(overrides or {})
+    model, data, method, training = parse_args(
+        _training_groups(), rest, prog="hf_sft.py", description="Fine-tune a causal LM on chat data.",
+        defaults=defaults, check_machine=check_machine, cross_checks=_training_cross_checks)
     return SFTConfig(model=model, data=data, method=method, training=training, config_file=config_file)
 
 
-def _flag_hint(arg: str) -> str:
-    if not arg.startswith("--"):
-        return repr(arg)
-    close = difflib.get_close_matches(arg[2:].split("=")[0].replace("-", "_"), sorted(valid_keys()), n=2)
-    return repr(arg) + (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else "")
+def load_run_config(run_dir: str | os.PathLike) -> SFTConfig:
+    """RUN/sft_config.yaml (written by training) through training's own parser: its exact settings.
+
+    Read as a CPU job: CPU_READER_OVERRIDES replace the run's device settings, and nothing is checked
+    against this machine (a QLoRA run trained on a GPU is still readable here).
+    """
+    path = Path(run_dir) / RUN_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --run must be an hf_sft.py output folder "
+                                "(it writes sft_config.yaml at start)")
+    try:
+        return parse_config(["--config", str(path)], check_machine=False, overrides=CPU_READER_OVERRIDES)
+    except ConfigError as err:
+        message = str(err).replace(f"--config {path}: ", "")
+        raise ConfigError(f"{path}: the run's resolved config is not readable by this version of hf_sft.py: "
+                          f"{message}. Fix or regenerate it (hf_sft.py writes it at start)") from None
 
 
 def write_resolved_config(config: SFTConfig, output_dir: str | os.PathLike) -> Path:
     """Write every resolved value to <output_dir>/sft_config.yaml (re-usable with --config)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / "sft_config.yaml"
+    target = out / RUN_CONFIG_NAME
     write_text_atomic(target, yaml.safe_dump(_plain(config.to_dict()), allow_unicode=True, sort_keys=False))
     return target
 

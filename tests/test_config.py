@@ -56,3 +56,60 @@ def test_entry_script_reports_config_errors_without_traceback(capsys):
     err = capsys.readouterr().err
     assert "hf_sft.py: error: unknown argument '--lerning_rate'" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--finetuning_type", "full", "--save_merged"], r"--save_merged only applies to LoRA-family.*full and freeze"),
+    (["--finetuning_type", "freeze", "--save_merged", "true"], r"--save_merged only applies.*--finetuning_type freeze"),
+    (["--early_stopping_patience", "2"], r"--early_stopping_patience 2 needs validation data.*--val_data"),
+])
+def test_cross_field_problems_are_config_errors(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--model", "tiny-qwen2", *flags])
+
+
+def test_early_stopping_with_validation_data_is_fine():
+    config = parse_config(["--model", "tiny-qwen2", "--early_stopping_patience", "2", "--val_size", "4"])
+    assert config.data.early_stopping_patience == 2
+
+
+def test_qlora_without_cuda_fails_before_any_model_loads(monkeypatch, capsys):
+    import torch
+
+    import hf_sft
+    import sft.train.run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sft.train.run, "run_training", lambda config: pytest.fail("training started"))
+    assert hf_sft.main(["--model", "tiny-qwen2", "--finetuning_type", "qlora"]) == 2
+    err = capsys.readouterr().err
+    assert "hf_sft.py: error: invalid configuration: --finetuning_type qlora needs a CUDA GPU" in err
+    assert "Traceback" not in err
+
+
+def test_entry_script_fails_on_cross_field_problems_before_loading(monkeypatch, capsys):
+    import hf_sft
+    import sft.train.run
+
+    monkeypatch.setattr(sft.train.run, "run_training", lambda config: pytest.fail("training started"))
+    assert hf_sft.main(["--model", "tiny-qwen2", "--save_merged", "--early_stopping_patience", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--save_merged only applies" in err and "--early_stopping_patience 1 needs validation data" in err
+
+
+def test_bad_flag_value_is_a_config_error_not_an_exit():
+    with pytest.raises(ConfigError, match=r"argument --max_length/--max-length: invalid int value: 'long'"):
+        parse_config(["--max_length", "long"])
+
+
+def test_help_shows_each_default_once(capsys):
+    import hf_sft
+
+    with pytest.raises(SystemExit) as exit_:
+        hf_sft.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text
+    for flag in ("--config", "--max_length", "--finetuning_type", "--early_stopping_patience", "--learning_rate"):
+        assert flag in text
+    assert "Maximum tokens per sample (longer ones are truncated). (default: 1024)" in text

@@ -25,7 +25,7 @@ STAGES = [
     "sft.train.export", "sft.train.methods",
     "sft.train.callbacks", "sft.train.banner", "sft.train.hybrid", "sft.train.run",
     # checkpoints -> scores, answers, reports
-    "sft.evaluate", "sft.evaluate.inference", "sft.evaluate.metrics",
+    "sft.evaluate", "sft.evaluate.options", "sft.evaluate.inference", "sft.evaluate.metrics",
     "sft.evaluate.evaluator", "sft.evaluate.report", "sft.evaluate.cli", "sft.evaluate.chat",
     "sft.evaluate.batch",
 ]

@@ -40,32 +40,58 @@ class StrictError(Exception):
     """--strict: the first bad record, as `file:line: reason: detail`."""
 
 
+def _help(text: str, **argparse_kwargs) -> dict:
+    return {"help": text, **argparse_kwargs}
+
+
 @dataclass
 class BuildOptions:
-    inputs: list[str]  # local files or hub dataset ids
-    output: str  # x.json (JSON array) or x.jsonl (JSON lines)
-    format: str | None = None  # force one input format instead of detecting it per file
-    rejects: str | None = None  # default: <output stem>.rejects.jsonl
-    duplicates: str | None = None  # default: <output stem>.duplicates.jsonl
-    strict: bool = False  # stop at the first bad record
-    max_chars: int | None = 100_000  # longer records are rejected (None: no limit)
-    dedup: str = "exact"  # exact | near | none
-    near_threshold: float = 0.85  # Jaccard threshold of --dedup near
-    num_perm: int = 128  # MinHash permutations of --dedup near
-    stats: bool = False  # write <stem>.stats.json / .stats.md / .stats.png
-    tokenizer: Any = None  # name for sft.models.load_tokenizer, or a tokenizer object
-    max_length: int = 2048  # report the share of records longer than this (tokens, else chars)
-    val_ratio: float | None = None  # fraction of records for validation (stratified by kind)
-    val_size: int | None = None  # or an exact number of validation records
-    val_output: str | None = None  # default: <output stem>.val.json[l]
-    mix: list[tuple[str, float]] = field(default_factory=list)  # (file, share of the final output)
-    limit: int | None = None  # read at most this many records from the inputs
-    seed: int = 42
-    shuffle: bool = False  # exact for plain JSON-lines inputs, else a bounded buffer
-    shuffle_buffer: int = 10_000
-    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))  # processes for JSON-lines inputs
-    hub_split: str = "train"
-    hub_config: str | None = None
+    """The builder's flags (`sft_data_builder.py --help`); also its Python API."""
+
+    output: str = field(metadata=_help("x.json writes a JSON array, x.jsonl JSON lines."))
+    inputs: list[str] = field(default_factory=list, metadata=_help(
+        "Input files (.jsonl/.json/.parquet, optionally .gz) or hub dataset ids."))
+    format: str | None = field(default=None, metadata=_help(
+        f"Force one input format: {'|'.join(FORMATS)} (default: detected per file)."))
+    rejects: str | None = field(default=None, metadata=_help("Rejects file (default: <output stem>.rejects.jsonl)."))
+    duplicates: str | None = field(default=None, metadata=_help(
+        "Duplicates file (default: <output stem>.duplicates.jsonl)."))
+    strict: bool = field(default=False, metadata=_help("Stop at the first bad record (exit 1)."))
+    max_chars: int | None = field(default=100_000, metadata=_help("Reject longer records; 0: no limit."))
+    dedup: str = field(default="exact", metadata=_help(f"Duplicate removal: {'|'.join(DEDUP_MODES)}."))
+    near_threshold: float = field(default=0.85, metadata=_help("Jaccard threshold for --dedup near."))
+    num_perm: int = field(default=128, metadata=_help("MinHash permutations for --dedup near."))
+    stats: bool = field(default=False, metadata=_help("Write <stem>.stats.json/.stats.md/.stats.png."))
+    # a name for sft.models.load_tokenizer on the command line; the Python API also takes a tokenizer object
+    tokenizer: str | None = field(default=None, metadata=_help(
+        "Tokenizer for token statistics (built-in name, folder or hub id; default: characters)."))
+    max_length: int = field(default=2048, metadata=_help(
+        "Report the share of records longer than this (tokens, else characters)."))
+    val_ratio: float | None = field(default=None, metadata=_help(
+        "Fraction of records for validation, stratified by kind."))
+    val_size: int | None = field(default=None, metadata=_help(
+        "Exact number of validation records, stratified by kind."))
+    val_output: str | None = field(default=None, metadata=_help("Validation file (default: <output stem>.val.json[l])."))
+    mix: list[str] = field(default_factory=list, metadata=_help(
+        "Blend FILE in as SHARE of the final output, e.g. general.jsonl:0.2 (repeatable).",
+        metavar="FILE:SHARE", action="extend"))
+    limit: int | None = field(default=None, metadata=_help("Read at most this many input records."))
+    seed: int = field(default=42, metadata=_help("Seed for shuffle, split and mixing."))
+    shuffle: bool = field(default=False, metadata=_help("Shuffle the input (exact for plain .jsonl files)."))
+    shuffle_buffer: int = field(default=10_000, metadata=_help("Buffer size when exact shuffle is impossible."))
+    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8), metadata=_help(
+        "Processes that parse/normalize JSON-lines inputs (1: all in this process; default: the cores, at most 8)."))
+    hub_split: str = field(default="train", metadata=_help("Split to stream for hub dataset ids."))
+    hub_config: str | None = field(default=None, metadata=_help("Config name for hub dataset ids."))
+
+    def __post_init__(self):
+        if self.max_chars == 0:  # the command line's "no limit"
+            self.max_chars = None
+
+    @property
+    def mix_pairs(self) -> list[tuple[str, float]]:
+        """--mix as (file, share) pairs; problems() reports a spec that is not FILE:SHARE."""
+        return [pair for pair in map(_mix_pair, self.mix) if pair is not None]
 
     def problems(self) -> list[str]:
         out = []
@@ -91,16 +117,33 @@ class BuildOptions:
             out.append(f"--limit {self.limit}: expected a positive count")
         if self.max_chars is not None and self.max_chars < 1:
             out.append(f"--max_chars {self.max_chars}: expected a positive count (0 on the command line: no limit)")
-        for path in self.inputs + [m for m, _ in self.mix]:
+        bad_mix = [spec for spec in self.mix if _mix_pair(spec) is None]
+        if bad_mix:
+            out.append(f"--mix {' '.join(map(str, bad_mix))}: expected FILE:SHARE, e.g. general.jsonl:0.2")
+        for path in self.inputs + [m for m, _ in self.mix_pairs]:
             if not os.path.exists(path) and not looks_like_hub_id(path):
                 out.append(f"{path}: no such file (and it is not a hub dataset id like 'owner/name'); check the path")
-        shares = [r for _, r in self.mix]
-        if any(not 0 < r < 1 for r in shares) or sum(shares) >= 1:
+        shares = [r for _, r in self.mix_pairs]
+        if shares and any(not 0 < r < 1 for r in shares) or sum(shares) >= 1:
             out.append(f"--mix shares {shares}: each must be in (0, 1) and together below 1")
-        here = {os.path.abspath(p) for p in self.inputs + [m for m, _ in self.mix]}
+        here = {os.path.abspath(p) for p in self.inputs + [m for m, _ in self.mix_pairs]}
         if os.path.abspath(self.output) in here:
             out.append(f"--output {self.output} is also an input; write to a new file")
         return out
+
+
+def _mix_pair(spec: str | tuple[str, float]) -> tuple[str, float] | None:
+    """"general.jsonl:0.2" (or a (file, share) pair from Python) -> ("general.jsonl", 0.2); None if malformed."""
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        path, share = spec
+    else:
+        path, sep, share = str(spec).rpartition(":")
+        if not sep:
+            return None
+    try:
+        return str(path), float(share)
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -345,8 +388,8 @@ class _Pipeline:
         spools, counts = [], []
         spool, n = self._spool(main)
         spools.append(spool), counts.append(n)
-        targets = mix_targets(n, [r for _, r in self.opts.mix])
-        for (path, share), target in zip(self.opts.mix, targets):
+        targets = mix_targets(n, [r for _, r in self.opts.mix_pairs])
+        for (path, share), target in zip(self.opts.mix_pairs, targets):
             before = self.result.read
             spool, got = self._spool(self._good_records([path], take=target) if target else iter(()))
             spools.append(spool), counts.append(got)

@@ -24,14 +24,9 @@ from typing import Any
 
 import torch
 
+from sft.config import parse_args
 from sft.conversation import PLAIN_TEXT, Conversation
-from sft.evaluate.chat import (
-    OUTPUT_KEYS,
-    PROMPT_KEYS,
-    _check_args,
-    _generation_options,
-    _parser,
-)
+from sft.evaluate.chat import OUTPUT_KEYS, PROMPT_KEYS
 from sft.evaluate.inference import (
     Generated,
     GenerationOptions,
@@ -40,6 +35,7 @@ from sft.evaluate.inference import (
     prompt_ids,
     read_prompt_records,
 )
+from sft.evaluate.options import BatchFiles, ModelChoice
 
 logger = logging.getLogger(__name__)
 
@@ -173,24 +169,17 @@ def _output_record(item: BatchItem, answer: Generated) -> dict:
 
 def batch_main(argv: list[str]) -> int:
     """Answer every prompt of --input into --output (JSONL, input order, resumable)."""
-    parser = _parser("hf_sft_eval.py batch", "Answer a JSONL file of prompts (resumable).")
-    parser.add_argument("--input", required=True, help="JSONL: {\"prompt\": ...} lines or training-format records")
-    parser.add_argument("--output", required=True, help="JSONL answers; an existing file is resumed")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together")
-    args = parser.parse_args(argv)
-    _check_args(args)
+    args, files, options = parse_args((ModelChoice, BatchFiles, GenerationOptions), argv, prog="hf_sft_eval.py batch",
+                                      description="Answer a JSONL file of prompts (resumable).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise ValueError(f"--output {args.output} is the --input file; pass another --output path")
-    items = read_batch_input(args.input)
-    start = finished_prefix(args.output, items)
+    items = read_batch_input(files.input)
+    start = finished_prefix(files.output, items)
     stats = BatchStats(skipped=start)
     if start < len(items):
         model, tokenizer = load_for_inference(args.model, base_model=args.base_model)
-        stats = run_batch(model, tokenizer, items, args.output, _generation_options(args), args.template,
-                          args.system_prompt, start)
+        stats = run_batch(model, tokenizer, items, files.output, options, args.template, args.system_prompt, start)
     speed = f"{stats.tokens / stats.seconds:.1f} tokens/s" if stats.seconds else "no generation"
     print(f"batch: {stats.answered} answered, {stats.skipped} skipped as already done, {stats.tokens} tokens "
-          f"in {stats.seconds:.1f}s ({speed}) -> {args.output}", flush=True)
+          f"in {stats.seconds:.1f}s ({speed}) -> {files.output}", flush=True)
     return 0

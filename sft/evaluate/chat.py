@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass, field, replace
@@ -13,58 +12,24 @@ from typing import Any, Iterable, Iterator, TextIO
 
 import torch
 
+from sft.config import parse_args
 from sft.conversation import Conversation, Message
 from sft.evaluate.inference import (
     Generated,
     GenerationOptions,
     decode_generated,
+    generate,
     load_for_inference,
     prompt_ids,
     stop_token_ids,
 )
-from sft.tokens.template import TEMPLATES
+from sft.evaluate.options import ModelChoice
 
 logger = logging.getLogger(__name__)
 
 CHAT_HELP = "commands: /reset clears the history, /system TEXT sets the system prompt (and resets), /exit quits"
 PROMPT_KEYS = ("prompt", "system", "id", "reference")  # what a {"prompt": ...} record means itself
 OUTPUT_KEYS = ("index", "id", "prompt", "answer", "num_tokens", "stopped", "reference")
-
-
-# ------------------------------------------------------------------------------------ arguments
-
-
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--model", required=True, help="model folder, built-in name, hub id or adapter folder")
-    parser.add_argument("--base_model", default=None, help="base model of an adapter (when its recorded base moved)")
-    parser.add_argument("--template", default="auto", choices=TEMPLATES, help="chat template (as in training)")
-    parser.add_argument("--system_prompt", default=None, help="system prompt text or a preset name (qwen, firefly)")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=GenerationOptions.temperature,
-                        help="sampling temperature (with --do_sample)")
-    parser.add_argument("--top_p", type=float, default=GenerationOptions.top_p,
-                        help="nucleus sampling mass (with --do_sample)")
-    parser.add_argument("--seed", type=int, default=GenerationOptions.seed, help="random seed for sampling")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    return parser
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    problems = [f"--{name} must be at least 1 (got {getattr(args, name)})"
-                for name in ("max_new_tokens", "batch_size", "threads")
-                if getattr(args, name, None) is not None and getattr(args, name) < 1]
-    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
-        problems.append("with --do_sample, --temperature must be > 0 and --top_p in (0, 1]")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
-def _generation_options(args: argparse.Namespace) -> GenerationOptions:
-    return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                             temperature=args.temperature, top_p=args.top_p,
-                             batch_size=getattr(args, "batch_size", 1), seed=args.seed)
 
 
 # ----------------------------------------------------------------------------------------- chat
@@ -78,7 +43,7 @@ class ChatSession:
     template: str = "auto"
     system_prompt: str | None = None
     max_positions: int = 32768  # the model's context; the oldest turns are dropped to stay inside it
-    max_new_tokens: int = 512
+    max_new_tokens: int = GenerationOptions.max_new_tokens
     history: list[Message] = field(default_factory=list)  # user, assistant, user, assistant, ...
     dropped_turns: int = 0
 
@@ -139,13 +104,9 @@ def _streamer(tokenizer, out: TextIO):
 def stream_reply(model, tokenizer, ids: list[int], options: GenerationOptions, out: TextIO) -> Generated:
     """Generate one answer for one prompt (KV cache, no padding), writing its text to `out` as it comes."""
     stops = stop_token_ids(tokenizer)
-    sampling = dict(temperature=options.temperature, top_p=options.top_p) if options.do_sample else {}
     input_ids = torch.tensor([ids], device=model.device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                            max_new_tokens=options.max_new_tokens, do_sample=options.do_sample,
-                            eos_token_id=stops, pad_token_id=pad, use_cache=True, top_k=None,
-                            streamer=_streamer(tokenizer, out), **sampling)
+    output = generate(model, tokenizer, input_ids, torch.ones_like(input_ids), options, stops,
+                      streamer=_streamer(tokenizer, out))
     return decode_generated(output[0, len(ids):].tolist(), tokenizer, stops)
 
 
@@ -196,17 +157,16 @@ def _max_positions(model, tokenizer) -> int:
 
 def chat_main(argv: list[str]) -> int:
     """Interactive chat with a trained model; scriptable when stdin is not a terminal (answers only)."""
-    args = _parser("hf_sft_eval.py chat", "Chat with a trained model (answers are streamed).").parse_args(argv)
-    _check_args(args)
+    args, options = parse_args((ModelChoice, GenerationOptions), argv, prog="hf_sft_eval.py chat",
+                               description="Chat with a trained model (answers are streamed).")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(args.model, base_model=args.base_model)
-    options = _generation_options(args)
     session = ChatSession(tokenizer, args.template, args.system_prompt, _max_positions(model, tokenizer),
-                          args.max_new_tokens)
+                          options.max_new_tokens)
     chat_prompt(session, "hi")  # a template that cannot render this model's chats fails now, not mid-chat
-    if args.do_sample:
-        torch.manual_seed(args.seed)
+    if options.do_sample:
+        torch.manual_seed(options.seed)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {args.model}. {CHAT_HELP}; Ctrl-D also quits.", flush=True)

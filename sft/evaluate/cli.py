@@ -1,57 +1,24 @@
 """`hf_sft_eval.py --run RUN [--watch]`: flags -> EvalSetup -> evaluate_run -> report and plots; `--merge`."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from sft.evaluate.inference import GenerationOptions
+from sft.config import parse_args
+from sft.evaluate.options import EvalArguments, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = ("Evaluate the base model and every finished checkpoint of an hf_sft.py run on the CPU, with the run's "
+               "own resolved settings (RUN/sft_config.yaml). Subcommands: chat, batch (see `hf_sft_eval.py chat "
+               "--help`).")
 
-def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hf_sft_eval.py",
-        description="Evaluate the base model and every finished checkpoint of an hf_sft.py run on the CPU. "
-                    "Subcommands: chat, batch (see `hf_sft_eval.py chat --help`).")
-    p.add_argument("--run", required=True, help="hf_sft.py output folder (has sft_config.yaml and checkpoint-N/).")
-    p.add_argument("--watch", action="store_true",
-                   help="Keep polling for new checkpoints until the run writes run_end.json and nothing is pending.")
-    p.add_argument("--poll_seconds", type=float, default=10.0, help="Polling interval with --watch.")
-    p.add_argument("--max_idle_minutes", type=float, default=None,
-                   help="With --watch: give up when no checkpoint appeared for this long (a crashed run).")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the evaluator (default: half the cores while the run is training, "
-                        "all of them once it has ended).")
-    p.add_argument("--nice", type=int, default=10, help="Scheduling niceness increment (0 disables).")
-    p.add_argument("--val_data", help="Validation file (default: the run's --val_data / --val_size).")
-    p.add_argument("--num_val", type=int, default=None, help="Use only the first N validation records.")
-    p.add_argument("--prompts", help="Prompts file to generate on (default: the run's --eval_prompts, else the "
-                                     "validation records with their last answer as reference).")
-    p.add_argument("--num_prompts", type=int, default=None, help="Use only the first N prompts.")
-    p.add_argument("--general", help="General-ability prompts for the forgetting check (default: --general_eval).")
-    p.add_argument("--base_model", help="Base model (default: the run's --model).")
-    p.add_argument("--no_base", action="store_true", help="Do not evaluate the base model as step 0.")
-    p.add_argument("--template", help="Override the run's chat template.")
-    p.add_argument("--system_prompt", help="Override the run's system prompt.")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8, help="Prompts generated together.")
-    p.add_argument("--eval_batch_size", type=int, default=None,
-                   help="Validation-loss batch size (default: the run's --per_device_eval_batch_size).")
-    p.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--merge", action="store_true",
-                   help="Export the run's final LoRA-family adapter as plain merged weights into RUN/merged "
-                        "(or --merge_output), then exit.")
-    p.add_argument("--merge_from", help="With --merge: the adapter folder to merge (default: RUN or its latest checkpoint).")
-    p.add_argument("--merge_output", help="With --merge: where to write the merged model (default RUN/merged).")
-    return p
+
+def parse_eval_args(argv: list[str]) -> tuple[EvalArguments, GenerationOptions]:
+    return parse_args((EvalArguments, GenerationOptions), argv, prog="hf_sft_eval.py", description=DESCRIPTION)
 
 
 def wait_for_run_start(run: Path, poll_seconds: float, max_idle_minutes: float | None) -> None:
@@ -82,7 +49,7 @@ def configure_cpu(threads: int | None, nice: int, training_running: bool = True)
 
 
 def eval_main(argv: list[str]) -> int:
-    args = eval_parser().parse_args(argv)
+    args, generation = parse_eval_args(argv)
     run = Path(args.run)
     if args.watch:
         wait_for_run_start(run, args.poll_seconds, args.max_idle_minutes)
@@ -98,14 +65,7 @@ def eval_main(argv: list[str]) -> int:
     from sft.evaluate.evaluator import EvalSetup, evaluate_run
     from sft.evaluate.report import plot_eval, write_report
 
-    generation = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                                   temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                                   seed=args.seed)
-    overrides = dict(val_data=args.val_data, num_val=args.num_val, eval_prompts=args.prompts,
-                     num_prompts=args.num_prompts, general_eval=args.general, base_model=args.base_model,
-                     include_base=not args.no_base, template=args.template, system_prompt=args.system_prompt,
-                     generation=generation, eval_batch_size=args.eval_batch_size, poll_seconds=args.poll_seconds)
-    setup = EvalSetup.from_run(str(run), overrides)
+    setup = EvalSetup.from_run(str(run), args, generation)
     logger.info("evaluating %s on %d CPU thread(s): %d validation samples, %d prompts, %d general prompts%s",
                 run, threads, len(setup.val), len(setup.prompts), len(setup.general), " (watching)" if args.watch else "")
 

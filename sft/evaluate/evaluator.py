@@ -1,6 +1,6 @@
 """Evaluate a run's checkpoints (and its base model, as step 0) once each, on the CPU.
 
-    setup = EvalSetup.from_run("outputs/demo", overrides)       # the run's own template, data, masking
+    setup = EvalSetup.from_run("outputs/demo", args, generation)  # the run's own template, data, masking
     evaluate_run(setup, watch=True)                              # RUN/eval/{metrics.jsonl, predictions-*.jsonl, ...}
 
 What was evaluated is what `eval/metrics.jsonl` holds (one line per step, appended when done), so a
@@ -19,19 +19,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
+from sft.config import SFTConfig, load_run_config
 from sft.conversation import Conversation
 from sft.data.sources import split_weight
 from sft.evaluate.inference import (
     Generated,
-    GenerationOptions,
     generate_answers,
     is_adapter_dir,
     load_for_inference,
     prompt_ids,
     read_prompt_records,
 )
+from sft.evaluate.options import EvalArguments, GenerationOptions
 from sft.files import write_text_atomic
 from sft.models import load_model
 from sft.tokens.encoding import EncodeOptions
@@ -76,49 +76,53 @@ class EvalSetup:
         return self.run_dir / EVAL_DIR
 
     @classmethod
-    def from_run(cls, run_dir: str, overrides: dict[str, Any]) -> "EvalSetup":
-        """Read RUN/sft_config.yaml (written by hf_sft.py) and apply the evaluator's flags."""
+    def from_run(cls, run_dir: str, args: EvalArguments | None = None,
+                 generation: GenerationOptions | None = None) -> "EvalSetup":
+        """The run's resolved config (RUN/sft_config.yaml, read by training's own parser) + the evaluator's flags."""
         run = Path(run_dir)
-        config_path = run / "sft_config.yaml"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: --run must be an hf_sft.py output folder "
-                                    "(it writes sft_config.yaml at start)")
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-        pick = lambda key, default=None: overrides.get(key) if overrides.get(key) is not None else config.get(key, default)  # noqa: E731
-        encode = EncodeOptions(template=pick("template", "auto"), system_prompt=pick("system_prompt"),
-                               max_length=pick("max_length", 1024),
-                               train_on_prompt=bool(config.get("train_on_prompt", False)),
-                               last_turn_only=bool(config.get("last_turn_only", False)))
-        val_file, val_size = pick("val_data"), int(config.get("val_size") or 0)
-        data = config.get("data") or []
-        if val_file:
-            val = list(read_conversations(_resolve(val_file, run)))
-        elif val_size and data:
-            first = split_weight(str(data[0]))[0]
-            val = list(read_conversations(_resolve(first, run), limit=val_size))
-            val_file = f"{first} (first {val_size} records)"
-        else:
-            val = []
-        limit = overrides.get("num_val")
-        if limit is not None:
-            val = val[:limit]
-        prompts_file = pick("eval_prompts")
+        config = load_run_config(run)
+        args = args or EvalArguments(run=str(run))
+        model, data = config.model, config.data
+        encode = EncodeOptions(template=args.template or model.template,
+                               system_prompt=args.system_prompt if args.system_prompt is not None
+                               else model.system_prompt,
+                               max_length=data.max_length, train_on_prompt=data.train_on_prompt,
+                               last_turn_only=data.last_turn_only)
+        val, val_file = _validation_records(config, args, run)
+        prompts_file = args.prompts or data.eval_prompts
         if prompts_file:
             prompts = read_prompt_items(_resolve(prompts_file, run))
         else:
             prompts = [_val_prompt(i, conv) for i, conv in val]
             prompts = [p for p in prompts if p is not None]
-        prompts = prompts[:overrides.get("num_prompts") or len(prompts)]
-        general_file = pick("general_eval")
+        prompts = prompts[:args.num_prompts or len(prompts)]
+        general_file = args.general or data.general_eval
         general = read_prompt_items(_resolve(general_file, run), default_kind="general") if general_file else []
-        return cls(run_dir=run, base_model=overrides.get("base_model") or config.get("model", ""),
+        return cls(run_dir=run, base_model=args.base_model or model.model,
                    encode=encode, val=val, prompts=prompts, general=general,
-                   generation=overrides.get("generation") or GenerationOptions(),
-                   eval_batch_size=overrides.get("eval_batch_size") or config.get("per_device_eval_batch_size") or 8,
-                   include_base=overrides.get("include_base", True),
-                   poll_seconds=overrides.get("poll_seconds") or 10.0,
+                   generation=generation or GenerationOptions(),
+                   eval_batch_size=args.eval_batch_size or config.training.per_device_eval_batch_size,
+                   include_base=not args.no_base, poll_seconds=args.poll_seconds,
                    sources={"val": val_file, "prompts": prompts_file or (val_file and f"{val_file} (prompts)"),
                             "general": general_file})
+
+
+def _validation_records(config: SFTConfig, args: EvalArguments, run: Path) -> tuple[list, str | None]:
+    """(validation conversations, where they came from): --val_data, else the run's --val_data / --val_size."""
+    data = config.data
+    val_file = args.val_data or data.val_data
+    fmt = "auto" if args.val_data else data.format  # the run's files are read as training read them
+    if val_file:
+        val = list(read_conversations(_resolve(val_file, run), fmt))
+    elif data.val_size and data.data:
+        first = split_weight(str(data.data[0]))[0]
+        val = list(read_conversations(_resolve(first, run), fmt, limit=data.val_size))
+        val_file = f"{first} (first {data.val_size} records)"
+    else:
+        val = []
+    if args.num_val is not None:
+        val = val[:args.num_val]
+    return val, val_file
 
 
 def _resolve(path: str, run: Path) -> str:

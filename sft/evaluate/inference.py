@@ -21,24 +21,13 @@ import torch
 
 from sft.chat_templates import TURN_END_TOKENS
 from sft.conversation import Conversation, Message, is_plain_text
+from sft.evaluate.options import GenerationOptions
 from sft.models import load_model, load_tokenizer
 from sft.tokens.encoding import tokenize_segments
 from sft.tokens.template import render_segments
 from sft.train.export import adapter_base, is_adapter_dir
 
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass
-class GenerationOptions:
-    max_new_tokens: int = 128
-    do_sample: bool = False  # greedy by default: evaluation must be repeatable
-    temperature: float = 0.7
-    top_p: float = 0.9
-    batch_size: int = 8
-    seed: int = 0
-
 
 @dataclass
 class Generated:
@@ -136,11 +125,21 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], options: Generat
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     if options.do_sample:
         torch.manual_seed(options.seed)
-    sampling = dict(temperature=options.temperature, top_p=options.top_p) if options.do_sample else {}
-    output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=options.max_new_tokens,
-                            do_sample=options.do_sample, eos_token_id=stops, pad_token_id=pad, use_cache=True,
-                            top_k=None, **sampling)
+    output = generate(model, tokenizer, input_ids, attention, options, stops)
     return [decode_generated(row[width:].tolist(), tokenizer, stops) for row in output]
+
+
+def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: GenerationOptions,
+             stops: list[int], streamer=None) -> torch.Tensor:
+    """The one `model.generate` call: KV cache, stop at the turn-end tokens, greedy or top-p sampling.
+
+    top_k=None: the model's generation_config may set a top_k that would silently narrow --top_p sampling.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    sampling = dict(temperature=options.temperature, top_p=options.top_p) if options.do_sample else {}
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=options.max_new_tokens,
+                          do_sample=options.do_sample, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                          top_k=None, streamer=streamer, **sampling)
 
 
 def decode_generated(new_ids: list[int], tokenizer, stops: list[int]) -> Generated:

@@ -30,8 +30,9 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
+from sft.chat_templates import TEMPLATES
 from sft.conversation import Conversation, is_plain_text
-from sft.tokens.template import TEMPLATES, Segment, render_segments
+from sft.tokens.template import Segment, render_segments
 
 IGNORE_INDEX = -100
 

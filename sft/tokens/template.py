@@ -37,11 +37,11 @@ from sft.chat_templates import (
     FIREFLY_DEFAULT_SYSTEM,
     QWEN25_DEFAULT_SYSTEM,
     QWEN25_TEMPLATE,
+    TEMPLATES,
     TURN_END_TOKENS,
 )
 from sft.conversation import Conversation, Message
 
-TEMPLATES = ("auto", "qwen2.5", "chatml", "tokenizer")
 SYSTEM_PRESETS = {"qwen": QWEN25_DEFAULT_SYSTEM, "firefly": FIREFLY_DEFAULT_SYSTEM}
 
 _TOOLS_HEADER = (

@@ -29,7 +29,6 @@ from sft.train.export import merge_adapter
 
 logger = logging.getLogger(__name__)
 
-LORA_FAMILY = ("lora", "dora", "qlora", "full_then_lora")
 PEFT_METHODS = ("lora", "dora", "qlora", "prompt_tuning")
 MERGED_DIR = "merged"
 
@@ -42,7 +41,7 @@ def load_model_for_method(model_args, method_args, training_args):
     kwargs: dict[str, Any] = {}
     dtype = "float32"
     if method_args.finetuning_type == "qlora":
-        kwargs["quantization_config"] = _qlora_quantization_config(training_args)
+        kwargs["quantization_config"] = _qlora_quantization_config(method_args, training_args)
         # 4-bit weights are placed at load time: each process on its own GPU.
         kwargs["device_map"] = {"": int(getattr(training_args, "local_process_index", 0) or 0)}
         # 4-bit weights are de-quantized to the compute dtype; the rest of the model lives in it too.
@@ -64,19 +63,10 @@ def _compute_dtype_name(training_args) -> str:
     return "float32"
 
 
-def _qlora_quantization_config(training_args):
-    import importlib.util
-
-    if not torch.cuda.is_available():
-        raise ValueError(
-            "--finetuning_type qlora needs a CUDA GPU: bitsandbytes 4-bit (NF4) weights only run on CUDA, and "
-            "no GPU is visible here. On CPU use --finetuning_type lora (same adapter, full-precision base)."
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(
-            "--finetuning_type qlora needs the bitsandbytes package on a CUDA GPU: pip install bitsandbytes "
-            "(or use --finetuning_type lora)."
-        )
+def _qlora_quantization_config(method_args, training_args):
+    problems = method_args.machine_problems()  # parse_config checked this already; API callers get it here
+    if problems:
+        raise ValueError("; ".join(problems))
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -96,14 +86,9 @@ def prepare_model(model, method_args, training_args):
     full_then_lora starts as full fine-tuning; sft.train.hybrid switches it to LoRA mid-run.
     """
     kind = method_args.finetuning_type
-    if method_args.save_merged and kind not in LORA_FAMILY:
-        raise ValueError(
-            f"--save_merged only applies to LoRA-family methods ({', '.join(LORA_FAMILY)}), not "
-            f"--finetuning_type {kind}: "
-            + ("a soft prompt cannot be merged into the weights." if kind == "prompt_tuning"
-               else "full and freeze runs already save full weights.")
-            + " Drop --save_merged."
-        )
+    merge_problems = [p for p in method_args.problems() if p.startswith("--save_merged")]
+    if merge_problems:  # parse_config refused this already; API callers get the same message here
+        raise ValueError(merge_problems[0])
     if kind in ("full", "full_then_lora"):
         model.requires_grad_(True)
     elif kind == "freeze":

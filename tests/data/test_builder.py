@@ -320,3 +320,45 @@ def test_token_stats_with_the_builtin_tokenizer_by_name(tmp_path, capsys):
     report = json.loads((tmp_path / "x.stats.json").read_text())
     # "\nHello\nHello Hello": "\n", "Hello", "\n", "Hello", " Hello" = 5 tokens, + 5 per message + 5 system
     assert report["tokens"]["max"] == 5 + 15 and report["over_max_length"]["unit"] == "tokens"
+
+
+def test_yaml_config_gives_defaults_and_flags_and_inputs_override_it(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", firefly_rows(6))
+    other = write_jsonl(tmp_path / "other.jsonl", firefly_rows(3))
+    config = tmp_path / "build.yaml"
+    config.write_text(f"inputs: [{other}]\noutput: {tmp_path / 'from_yaml.jsonl'}\nval_size: 2\ndedup: none\n")
+    code, cap = run([src, "--config", config, "--val_size", 1], capsys)
+    assert code == 0, cap.err
+    assert summary_counts(cap.out)["read"] == 6 and summary_counts(cap.out)["val"] == 1  # positional beat the YAML
+    code, cap = run(["--config", config, "--inputs", src, "--", other], capsys)
+    assert code == 0, cap.err
+    assert summary_counts(cap.out)["read"] == 9  # --inputs and positionals together
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{src}", "--output", "x.jsonl", "--dedupe", "near"], "unknown argument '--dedupe' (did you mean --dedup"),
+    (["{src}", "--output", "x.jsonl", "--val_ratio", "half"], "argument --val_ratio/--val-ratio: invalid float"),
+    (["{src}"], "the following arguments are required: --output"),
+])
+def test_flag_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    src = write_jsonl(tmp_path / "in.jsonl", firefly_rows(3))
+    code, cap = run([a.replace("{src}", str(src)) for a in args], capsys)
+    assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path, capsys):
+    config = tmp_path / "build.yaml"
+    config.write_text("outptu: x.jsonl\n")
+    code, cap = run(["--config", config], capsys)
+    assert code == 2 and f"--config {config}: unknown key 'outptu' (did you mean output" in cap.err
+
+
+def test_help_lists_each_flag_with_its_default_once(capsys):
+    code, cap = run(["--help"], capsys)
+    text = " ".join(cap.out.split())
+    assert code == 0 and "(default: None)" not in text
+    for flag in ("--output", "--mix FILE:SHARE", "--val_ratio", "--dedup", "--config", "INPUT"):
+        assert flag in text
+    assert "Rejects file (default: <output stem>.rejects.jsonl)." in text
+    assert "Duplicate removal: exact|near|none. (default: exact)" in text
