@@ -18,9 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -200,17 +198,8 @@ def _write_phase2_start(trainer, lora_model, tokenizer, phase1_state: TrainerSta
     """Write checkpoint-X: what the HF Trainer needs to resume phase 2 exactly at step X.
 
     Every process builds the optimizer (collective setups may need all ranks); the main process
-    writes the folder; then each process adds its RNG state under the Trainer's file name.
+    writes the folder atomically; then each process adds its RNG state under the Trainer's file name.
     """
-    main = training_args.should_save
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        lora_model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
     # A fresh optimizer for the new LoRA parameters, built by the phase-2 Trainer itself so its parameter
     # groups are those any later resume of phase 2 builds, and the scheduler where one run would be
     # after X steps.
@@ -219,17 +208,18 @@ def _write_phase2_start(trainer, lora_model, tokenizer, phase1_state: TrainerSta
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
         for _ in range(phase1_state.global_step):
             trainer.lr_scheduler.step()
-    if main:
-        torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER_NAME)
-        torch.save(trainer.lr_scheduler.state_dict(), tmp / SCHEDULER_NAME)
+    if training_args.should_save:
+        with atomic_path(folder, folder=True) as tmp:
+            tmp.mkdir(parents=True)
+            lora_model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+            torch.save(trainer.lr_scheduler.state_dict(), tmp / SCHEDULER_NAME)
+            _write_state(phase1_state, tmp / TRAINER_STATE_NAME)
     # train() resumes from this folder like from any checkpoint: it builds the pair again (it always
     # rebuilds a scheduler it created) and loads the two files above.
     trainer.optimizer = trainer.lr_scheduler = None
-
-    if main:
-        _write_state(phase1_state, tmp / TRAINER_STATE_NAME)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
     _barrier()
     rng_name = "rng_state.pth" if training_args.world_size <= 1 else f"rng_state_{training_args.process_index}.pth"
     torch.save(_rng_state(), folder / rng_name)
