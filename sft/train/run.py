@@ -150,6 +150,7 @@ def run_training(config: SFTConfig) -> int:
         save_final,
     )
     from sft.train import callbacks as cb
+    from sft.train.banner import start_banner
 
     if not config.training.use_cpu and not torch.cuda.is_available():
         # Decide the device before anything reads world_size/process_index (gloo on CPU).
@@ -209,7 +210,7 @@ def run_training(config: SFTConfig) -> int:
     if rank == 0:
         clear_run_end(t.output_dir)  # a resumed run is running again: watchers must keep waiting
         trainable, total = count_parameters(model)
-        print(cb.start_banner(config, trainable, total, world_size=world, max_steps=max_steps), flush=True)
+        print(start_banner(config, trainable, total, world_size=world, max_steps=max_steps), flush=True)
     try:
         if config.method.finetuning_type == "full_then_lora":
             # Phase 2 must continue the stream where phase 1 stopped, not restart it.
