@@ -111,9 +111,10 @@ class GpuMemoryPoller:
 
 
 def error_line(stderr: str) -> str:
-    """The line that names the error: a traceback's last 'XError: ...' line, else the last line saying error."""
+    """The line that names the error: `prog: error: ...` (hf_sft.py's user errors, argparse), else a
+    traceback's last 'XError: ...' line, else the last line saying error."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    named = [line for line in lines if _ERROR_LINE.match(line)]
+    named = [line for line in lines if ": error: " in line] or [line for line in lines if _ERROR_LINE.match(line)]
     if named:
         return named[-1][:300]
     said = [line for line in lines if "error" in line.lower()]
