@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Download the wheels of bench/gpu_wheels.txt into .whl/ at the repo root, for the GPU machine
+# (Python 3.12, manylinux x86_64, no network there). Then, on that machine, from the repo root:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && python3 bench/gpu_check.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+grep -v '^\s*#' bench/gpu_wheels.txt | grep -v '^\s*$' | xargs python3 -m pip download -q --no-deps \
+  --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform any -d .whl
+du -ch .whl/*.whl | tail -1

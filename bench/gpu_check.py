@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""First GPU probe of the toolkit: independent cases, each in its own process, one table at the end.
+
+    python3 bench/gpu_check.py                # on the GPU machine: Qwen2.5-0.5B-shaped model, <= 7 min on one H200
+    python3 bench/gpu_check.py --dry_run      # on a CPU: tiny model and data, proves every code path (~2 min)
+    python3 bench/gpu_check.py --only env matmul bare
+
+Cases, in order (bench/gpu_cases.py):
+    env         nvidia-smi, versions, CUDA / bf16 support, the training path's imports
+    matmul      bf16 8192^3 matmul TFLOP/s (median of 10, CUDA events): the peak MFU is measured against
+    setup       the random Qwen2.5-0.5B-shaped model saved to a folder (bf16), 4,000 synthetic ShareGPT
+                conversations (median ~570 tokens), their token lengths
+    bare        a plain PyTorch forward+backward+AdamW loop, fp32 weights + bf16 autocast, 8 x 2048 tokens
+    hf_full     hf_sft.py --finetuning_type full, batch 8, max_length 2048, 30 steps, bf16
+    hf_packing  the same with --packing (sdpa)
+    hf_lora     hf_sft.py --finetuning_type lora
+    reload      hf_full's and hf_lora's checkpoints loaded on the CPU by the evaluator's loader; forward + generate
+    trl         TRL SFTTrainer defaults on the same model/data/batch (only when trl and datasets import)
+
+A case that fails, times out or crashes is reported (exit code, first error line in the table, the last
+30 lines of stderr in the JSON) and the next case runs; a case whose prerequisite did not pass is skipped.
+GPU memory: nvidia-smi's memory.used, polled every 0.5 s while the case runs (whole GPU, allocator
+reserve and CUDA context included). The whole run stops starting cases after --budget_s.
+
+Writes $OUT (default bench/out): gpu_check.json, gpu_check.md, gpu_check_logs/<case>.{stdout,stderr}.log and
+each training run's train_log.jsonl. Models, data and checkpoints go to a temporary folder (--workdir).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    timeout_s: int
+    needs: tuple[str, ...] = ()  # cases that must have passed first
+    needs_cuda: bool = True  # skipped without CUDA, except in a dry run (tiny sizes on the CPU)
+
+
+CASES = (
+    Case("env", 60, needs_cuda=False),
+    Case("matmul", 60),
+    Case("setup", 120, needs_cuda=False),
+    Case("bare", 120),
+    Case("hf_full", 150, needs=("setup",)),
+    Case("hf_packing", 150, needs=("setup",)),
+    Case("hf_lora", 120, needs=("setup",)),
+    Case("reload", 120, needs=("setup",), needs_cuda=False),
+    Case("trl", 150, needs=("setup",)),
+)
+
+SIZES = {
+    "gpu": {"conversations": 4000, "length_scale": 1.0, "max_length": 2048, "batch_size": 8, "max_steps": 30,
+            "warmup_steps": 5, "precision": "bf16", "matmul": {"n": 8192, "repeats": 10},
+            "bare": {"rows": 8, "length": 2048, "warmup": 3, "steps": 10}},
+    "dry_run": {"conversations": 160, "length_scale": 0.12, "max_length": 256, "batch_size": 4, "max_steps": 8,
+                "warmup_steps": 2, "precision": "fp32", "matmul": {"n": 512, "repeats": 3},
+                "bare": {"rows": 2, "length": 128, "warmup": 1, "steps": 3}},
+}
+STDERR_TAIL = 30
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)|RuntimeError|Killed)\b")
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+class GpuMemoryPoller:
+    """Max of nvidia-smi's memory.used (MiB) while a case runs; None without nvidia-smi."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s, self.peak = interval_s, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if shutil.which("nvidia-smi") else None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                used = max(int(x) for x in out.split())
+                self.peak = used if self.peak is None else max(self.peak, used)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+
+def error_line(stderr: str) -> str:
+    """The line that names the error: `prog: error: ...` (hf_sft.py's user errors, argparse), else a
+    traceback's last 'XError: ...' line, else the last line saying error."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    named = [line for line in lines if ": error: " in line] or [line for line in lines if _ERROR_LINE.match(line)]
+    if named:
+        return named[-1][:300]
+    said = [line for line in lines if "error" in line.lower()]
+    return (said[-1] if said else lines[-1] if lines else "")[:300]
+
+
+def run_case(case: Case, context_path: Path, log_dir: Path, result_path: Path, timeout_s: float) -> dict:
+    """Run one case in its own process group; kill the group on timeout. Returns the merged result."""
+    stdout_path, stderr_path = log_dir / f"{case.name}.stdout.log", log_dir / f"{case.name}.stderr.log"
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", case.name, "--context", str(context_path)]
+    started = time.perf_counter()
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err, GpuMemoryPoller() as poller:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=REPO, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the case and whatever it started (hf_sft.py)
+            rc = proc.wait()
+            timed_out = True
+    wall = round(time.perf_counter() - started, 1)
+    stderr = stderr_path.read_text(encoding="utf-8", errors="replace")
+    result = json.loads(result_path.read_text()) if rc == 0 and result_path.is_file() else {}
+    result.update(case=case.name, rc=rc, wall_s=wall, gpu_mem_peak_mib=poller.peak,
+                  stderr_tail=stderr.splitlines()[-STDERR_TAIL:])
+    if timed_out:
+        result.update(status="fail", error=f"timeout after {timeout_s:.0f} s", note=f"timeout after {timeout_s:.0f} s")
+    elif rc != 0 or not result_path.is_file():
+        line = error_line(stderr) or f"exit code {rc}, no result written"
+        result.update(status="fail", error=line, note=f"rc {rc}: {line}")
+    return result
+
+
+def skip_reason(case: Case, results: dict, dry_run: bool, cuda: bool) -> str | None:
+    if case.needs_cuda and not dry_run and not cuda:
+        return "skipped: no CUDA"
+    missing = [n for n in case.needs if results.get(n, {}).get("status") != "pass"]
+    return f"skipped: {', '.join(missing)} did not pass" if missing else None
+
+
+# -------------------------------------------------------------------------------------------- table
+
+
+def _fmt(value, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(results: list[dict]) -> str:
+    header = ("| case | status | wall s | tokens/s | MFU | padding | loss first → last | peak GPU MiB | note |\n"
+              "|---|---|---:|---:|---:|---:|---|---:|---|")
+    rows = []
+    for r in results:
+        loss = (f"{r['loss_first']:.3f} → {r['loss_last']:.3f}" if r.get("loss_first") is not None
+                and r.get("loss_last") is not None else "-")
+        memory = r.get("torch_max_allocated_mib") or r.get("gpu_mem_peak_mib")
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        note = str(r.get("note", "")).replace("|", "/").replace("\n", " ")
+        rows.append(f"| {r['case']} | {r['status']} | {_fmt(r.get('wall_s'), '.0f')} | {_fmt(r.get('tokens_per_s'), ',.0f')} "
+                    f"| {mfu} | {_fmt(r.get('padding_fraction'), '.1%')} | {loss} | {_fmt(memory, ',')} | {note} |")
+    return header + "\n" + "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry_run", action="store_true", help="tiny model and data on the CPU (code paths only)")
+    parser.add_argument("--only", nargs="+", choices=[c.name for c in CASES], help="run only these cases")
+    parser.add_argument("--budget_s", type=float, default=390, help="start no case after this many seconds")
+    parser.add_argument("--workdir", help="model, data and checkpoints (default: a new temporary folder)")
+    parser.add_argument("--keep_workdir", action="store_true", help="keep the temporary folder at the end")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one case in this process
+    parser.add_argument("--context", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def child_main(name: str, context_path: str) -> int:
+    sys.path[:0] = [str(BENCH), str(REPO)]
+    from gpu_cases import CASES as FUNCTIONS
+
+    ctx = json.loads(Path(context_path).read_text())
+    result = FUNCTIONS[name](ctx)
+    Path(ctx["workdir"], "results", f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.context)
+    out_dir = Path(os.environ.get("OUT") or REPO / "bench" / "out").resolve()
+    log_dir = out_dir / "gpu_check_logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check-")).resolve()
+    (workdir / "results").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("SFT_CACHE_DIR", str(workdir / "sft_cache"))  # the built qwen2.5 tokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.dry_run:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # a shared 2-core machine
+    sizes = SIZES["dry_run" if args.dry_run else "gpu"]
+    ctx = {"dry_run": args.dry_run, "repo": str(REPO), "workdir": str(workdir), "log_dir": str(log_dir),
+           "sizes": sizes, "results": {}}
+    started = time.perf_counter()
+    results: list[dict] = []
+    for case in CASES:
+        if args.only and case.name not in args.only:
+            continue
+        cuda = bool(ctx["results"].get("env", {}).get("cuda_available"))
+        left = args.budget_s - (time.perf_counter() - started)
+        reason = skip_reason(case, ctx["results"], args.dry_run, cuda) or (
+            f"skipped: time budget ({args.budget_s:.0f} s) spent" if left < 20 else None)
+        if reason:
+            result = {"case": case.name, "status": "skipped", "note": reason}
+        else:
+            context_path = workdir / "context.json"
+            context_path.write_text(json.dumps(ctx, indent=1, default=str))
+            print(f"[{time.perf_counter() - started:5.0f} s] {case.name} (timeout {min(case.timeout_s, left):.0f} s)",
+                  flush=True)
+            result = run_case(case, context_path, log_dir, workdir / "results" / f"{case.name}.json",
+                              min(case.timeout_s, left))
+        print(f"        {result['status']}: {result.get('note', '')}", flush=True)
+        results.append(result)
+        ctx["results"][case.name] = result
+    table = render_table(results)
+    mode = "dry run (CPU, tiny model)" if args.dry_run else "GPU"
+    summary = {"mode": mode, "total_s": round(time.perf_counter() - started, 1), "sizes": sizes, "cases": results}
+    (out_dir / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out_dir / "gpu_check.md").write_text(f"gpu_check {mode}, {summary['total_s']:.0f} s\n\n{table}\n")
+    print(f"\ngpu_check {mode}: {summary['total_s']:.0f} s; {out_dir / 'gpu_check.json'}\n\n{table}")
+    if not args.keep_workdir and not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if all(r["status"] != "fail" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
