@@ -1,6 +1,6 @@
 """Reading cost of the training stream per input kind: the first vs the last 1% of an epoch.
 
-    python bench/bench_reader.py --repo /work/base    # the code before the one-reader fix (sft.data.TrainStream)
+    git worktree add /tmp/before 3672451 && python bench/bench_reader.py --repo /tmp/before   # before the fix
     python bench/bench_reader.py --repo .             # this checkout (sft.tokens.stream.TrainStream)
 
 What is measured: TrainStream itself (reading, parsing, format detection and validation, positions,
