@@ -169,13 +169,12 @@ def train_trl(args, meter: Meter):
 
 
 def train_ours(args, meter: Meter):
-    import sft.train.methods
     import sft.train.run
     from sft.config import parse_config
     from sft.models import load_tokenizer
 
     captured = {}
-    prepare, make_collator = sft.train.methods.prepare_model, sft.train.run.training_collator
+    prepare, make_collator = sft.train.run.prepare_model, sft.train.run.training_collator
 
     def prepare_and_hook(model, *rest):
         model = prepare(model, *rest)
@@ -188,7 +187,7 @@ def train_ours(args, meter: Meter):
         return lambda items: meter.count(collate(items), items[0].get("padding_tokens", 0),
                                          len(items[0].get("sample_ids") or []))
 
-    sft.train.methods.prepare_model, sft.train.run.training_collator = prepare_and_hook, counting_collator
+    sft.train.run.prepare_model, sft.train.run.training_collator = prepare_and_hook, counting_collator
     flags = ["--model", "smollm2-135m-instruct", "--data", args.data, "--max_length", "512",
              "--output_dir", args.out, "--finetuning_type", "full", "--precision", args.precision,
              "--group_by_length", str(args.child != "ours_nogroup").lower(),

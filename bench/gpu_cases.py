@@ -358,7 +358,8 @@ def case_trl(ctx: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from sft.models import load_model, load_tokenizer
-    from sft.train.callbacks import BatchStats, JsonlLogCallback, ThroughputCallback, recording_collator
+    from sft.train.callbacks import JsonlLogCallback
+    from sft.train.collator import BatchStats, ThroughputCallback
 
     sizes, setup = ctx["sizes"], ctx["results"]["setup"]
     output_dir = Path(ctx["workdir"]) / "runs" / "trl"
@@ -374,7 +375,14 @@ def case_trl(ctx: dict) -> dict:
                        bf16=bf16, fp16=False, disable_tqdm=True, dataloader_num_workers=0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     stats = BatchStats()
-    trainer.data_collator = recording_collator(trainer.data_collator, stats)
+    collate = trainer.data_collator
+
+    def collate_and_record(features):  # TRL's own collator, its batches counted like ours
+        batch = collate(features)
+        stats.record(batch)
+        return batch
+
+    trainer.data_collator = collate_and_record
     trainer.add_callback(ThroughputCallback(stats))
     trainer.add_callback(JsonlLogCallback(output_dir))
     trainer.train()
