@@ -336,9 +336,12 @@ def parse_args(groups: Sequence[type], argv: Sequence[str], prog: str, descripti
     if config_file:
         values.update(load_yaml_config(config_file, groups))
     parser.set_defaults(**values)
-    for action in parser._actions:  # a value from the YAML file satisfies a required flag
-        if action.dest in values:
-            action.required = False
+    # Required flags are checked here, after the unknown ones: a misspelled `--outptu` must be reported as
+    # itself ("did you mean --output"), not as a missing --output. A value from the YAML file satisfies one.
+    required = [action for action in parser._actions
+                if action.required and action.option_strings and action.dest not in values]
+    for action in required:
+        action.required = False
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True,
                                                               look_for_args_file=False)
@@ -352,6 +355,10 @@ def parse_args(groups: Sequence[type], argv: Sequence[str], prog: str, descripti
         known = _field_names(groups)
         raise ConfigError("unknown argument" + ("s " if len(flags) > 1 else " ") + "; ".join(
             _flag_hint(arg, known) for arg in flags))
+    missing = [action.option_strings[0] for action in required
+               if getattr(next((g for g in instances if hasattr(g, action.dest)), None), action.dest, None) is None]
+    if missing:
+        raise ConfigError("missing required argument" + ("s " if len(missing) > 1 else " ") + ", ".join(missing))
     if positional and getattr(extra, f"{positional}_positional", None):
         _take_positionals(instances, positional, getattr(extra, f"{positional}_positional"), args)
     problems = [p for group in instances for p in (group.problems() if hasattr(group, "problems") else [])]
