@@ -340,8 +340,9 @@ def parse_args(groups: Sequence[type], argv: Sequence[str], prog: str, descripti
     # itself ("did you mean --output"), not as a missing --output. A value from the YAML file satisfies one.
     required = [action for action in parser._actions
                 if action.required and action.option_strings and action.dest not in values]
-    for action in required:
-        action.required = False
+    for action in parser._actions:
+        if action.option_strings:
+            action.required = False
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True,
                                                               look_for_args_file=False)

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +39,7 @@ from sft.tokens.evalset import build_eval_batches, read_conversations
 from sft.tokens.stream import StreamOptions
 from sft.train.checkpoints import complete_checkpoints, is_complete_checkpoint, read_run_end
 from sft.train.loss import loss_model_kwargs, make_loss_func
+from sft.train.run import encode_options_for
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,9 @@ class EvalSetup:
         config = load_run_config(run)
         args = args or EvalArguments(run=str(run))
         model, data = config.model, config.data
-        encode = EncodeOptions(template=args.template or model.template,
-                               system_prompt=args.system_prompt if args.system_prompt is not None
-                               else model.system_prompt,
-                               max_length=data.max_length, train_on_prompt=data.train_on_prompt,
-                               last_turn_only=data.last_turn_only)
+        # Exactly the run's encoding (training's own mapping), with the evaluator's template flags on top.
+        encode = replace(encode_options_for(config), template=args.template or model.template,
+                         system_prompt=args.system_prompt if args.system_prompt is not None else model.system_prompt)
         val, val_file = _validation_records(config, args, run)
         prompts_file = args.prompts or data.eval_prompts
         if prompts_file:

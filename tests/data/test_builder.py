@@ -304,9 +304,6 @@ def test_separate_bad_files(tmp_path, capsys):
     (["{src}", "--output", "x.jsonl", "--val_ratio", "1.5"], "--val_ratio 1.5"),
     (["{src}", "--output", "x.jsonl", "--mix", "general.jsonl"], "expected FILE:SHARE"),
     (["{src}", "--output", "{src}"], "is also an input"),
-    # a misspelled required flag is named as itself, not reported as the missing --output
-    (["{src}", "--outptu", "x.jsonl"], "unknown argument '--outptu' (did you mean --output"),
-    (["{src}"], "missing required argument --output"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -341,7 +338,9 @@ def test_yaml_config_gives_defaults_and_flags_and_inputs_override_it(tmp_path, c
 @pytest.mark.parametrize("args, message", [
     (["{src}", "--output", "x.jsonl", "--dedupe", "near"], "unknown argument '--dedupe' (did you mean --dedup"),
     (["{src}", "--output", "x.jsonl", "--val_ratio", "half"], "argument --val_ratio/--val-ratio: invalid float"),
-    (["{src}"], "the following arguments are required: --output"),
+    (["{src}"], "missing required argument --output"),
+    # a misspelled required flag is named as itself, not reported as the missing --output
+    (["{src}", "--outptu", "x.jsonl"], "unknown argument '--outptu' (did you mean --output"),
 ])
 def test_flag_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

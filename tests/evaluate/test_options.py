@@ -78,7 +78,7 @@ def test_a_malformed_run_config_is_one_clear_error_naming_the_file(tmp_path, cap
     (["--run", "x", "--max_new_tokens", "0", "--do_sample", "--temperature", "0"], "--max_new_tokens 0"),
     (["chat", "--model", "m", "--template", "jinja"], "--template 'jinja'"),
     (["batch", "--model", "m", "--input", "a.jsonl", "--output", "a.jsonl"], "is the --input file"),
-    (["batch", "--model", "m", "--input", "a.jsonl"], "the following arguments are required: --output"),
+    (["batch", "--model", "m", "--input", "a.jsonl"], "missing required argument --output"),
 ])
 def test_flag_problems_exit_2_before_anything_loads(capsys, argv, message):
     assert hf_sft_eval.main(argv) == 2
