@@ -60,7 +60,7 @@ def eval_main(argv: list[str]) -> int:
     training_running = args.watch or not (run / RUN_END_NAME).is_file()
     threads = configure_cpu(args.threads, args.nice, training_running)
     if args.merge:
-        return merge_run(run, args.merge_from, args.merge_output, args.base_model)
+        return merge_run(run, args.merge_from, args.merge_output, args.base_model, args.overwrite)
 
     from sft.evaluate.evaluator import EvalSetup, evaluate_run
     from sft.evaluate.report import plot_eval, write_report
@@ -84,17 +84,19 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
-def merge_run(run: Path, merge_from: str | None, output: str | None, base_model: str | None) -> int:
+def merge_run(run: Path, merge_from: str | None, output: str | None, base_model: str | None,
+              overwrite: bool = False) -> int:
     """Fold the run's adapter into its base and save a plain model (+ tokenizer) loadable by AutoModelForCausalLM."""
     from sft.evaluate.inference import load_inference_tokenizer
     from sft.train.checkpoints import latest_complete_checkpoint
-    from sft.train.export import is_adapter_dir, merge_adapter
+    from sft.train.export import check_merge_target, is_adapter_dir, merge_adapter
 
     source = merge_from or (str(run) if is_adapter_dir(run) else latest_complete_checkpoint(run))
     if source is None or not is_adapter_dir(source):
         raise ValueError(f"--merge: {source or run} holds no LoRA adapter (adapter_config.json); only LoRA-family "
                          "runs (lora, dora, qlora, full_then_lora) can be merged. Full runs are already plain weights.")
     target = Path(output or run / "merged")
+    check_merge_target(target, [run, source], overwrite)  # before loading anything
     merge_adapter(source, target, load_inference_tokenizer(source, base_model), base_model=base_model)
     print(f"merged model written to {target}")
     return 0

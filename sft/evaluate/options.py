@@ -87,7 +87,10 @@ class EvalArguments:
     merge_from: str | None = field(default=None, metadata=_help(
         "With --merge: the adapter folder to merge (default: RUN or its latest checkpoint)."))
     merge_output: str | None = field(default=None, metadata=_help(
-        "With --merge: where to write the merged model (default: RUN/merged)."))
+        "With --merge: where to write the merged model (default: RUN/merged). An existing folder is replaced "
+        "only if an earlier --merge wrote it, or with --overwrite; never the run or a folder holding it."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "With --merge: replace an existing --merge_output folder that an earlier --merge did not write."))
 
     def problems(self) -> list[str]:
         out = _template_problems(self.template) + _threads_problems(self.threads)
@@ -96,8 +99,8 @@ class EvalArguments:
                 if getattr(self, name) is not None and getattr(self, name) < 1]
         if self.poll_seconds <= 0:
             out.append(f"--poll_seconds {self.poll_seconds}: must be > 0")
-        if (self.merge_from or self.merge_output) and not self.merge:
-            out.append("--merge_from/--merge_output only apply with --merge; add --merge or drop them")
+        if (self.merge_from or self.merge_output or self.overwrite) and not self.merge:
+            out.append("--merge_from/--merge_output/--overwrite only apply with --merge; add --merge or drop them")
         return out
 
 

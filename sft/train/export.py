@@ -19,6 +19,26 @@ from sft.models import load_model
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
+MERGED_MARKER = ".sft_merged"  # written into every merged folder: it may be replaced by the next merge
+
+
+def check_merge_target(target: str | os.PathLike, protected: list[str | os.PathLike], overwrite: bool = False) -> None:
+    """Refuse a merge target whose replacement would delete something the merge did not write.
+
+    Never the protected folders (the run, the adapter) or a folder holding one of them, whatever --overwrite
+    says; an existing non-empty folder only when an earlier merge wrote it (MERGED_MARKER) or with overwrite.
+    """
+    target = Path(target).resolve()
+    for folder in protected:
+        folder = Path(folder).resolve()
+        if folder == target or target in folder.parents:
+            raise ValueError(f"--merge_output {target}: that folder holds {folder}, which replacing it would delete; "
+                             "give a new folder, e.g. --merge_output " + str(folder / "merged"))
+    if target.is_file():
+        raise ValueError(f"--merge_output {target} is a file; give a folder path")
+    if target.is_dir() and any(target.iterdir()) and not (target / MERGED_MARKER).is_file() and not overwrite:
+        raise ValueError(f"--merge_output {target} exists and was not written by a merge; give a new folder, or "
+                         "pass --overwrite to replace it (its current contents are deleted)")
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -69,5 +89,6 @@ def merge_adapter(adapter_dir: str | os.PathLike, merged_dir: str | os.PathLike,
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        (tmp / MERGED_MARKER).write_text(f"merged from {adapter_dir}\n")
     logger.info("Merged %s into %s", adapter_dir, merged_dir)
     return Path(merged_dir)
