@@ -27,7 +27,7 @@ from sft.models import load_tokenizer
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
 from sft.tokens.stream import StreamOptions, TrainStream, count_records
-from sft.train.banner import start_banner
+from sft.train.banner import dtype_line, start_banner
 from sft.train.callbacks import RunOutcome, TrainingStoppedError, attach_callbacks
 from sft.train.checkpoints import (
     Outcome,
@@ -40,7 +40,14 @@ from sft.train.checkpoints import (
 from sft.train.collator import BatchStats, SampleIdLog, training_collator
 from sft.train.hybrid import run_full_then_lora
 from sft.train.loss import make_loss_func
-from sft.train.methods import count_parameters, load_model_for_method, prepare_model, save_final
+from sft.train.methods import (
+    FULL_METHODS,
+    count_parameters,
+    load_model_for_method,
+    parameter_dtypes,
+    prepare_model,
+    save_final,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +180,10 @@ def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] =
     if run.main_process:
         clear_run_end(output_dir)  # a resumed run is running again: watchers must keep waiting
         trainable, total = count_parameters(run.model)
-        print(start_banner(config, trainable, total, world_size=run.args.world_size, max_steps=run.max_steps),
-              flush=True)
+        dtypes = dtype_line(parameter_dtypes(run.model), run.precision,
+                            full=config.method.finetuning_type in FULL_METHODS)
+        print(start_banner(config, trainable, total, world_size=run.args.world_size, max_steps=run.max_steps,
+                           dtypes=dtypes), flush=True)
     try:
         finish(run, fit(run))
     except BaseException as err:

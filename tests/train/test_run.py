@@ -60,6 +60,7 @@ def test_a_failing_final_save_writes_run_end_failed(tmp_path, monkeypatch):
     monkeypatch.setattr(run_module, "load_tokenizer", lambda *a: None)
     monkeypatch.setattr(run_module, "setup", lambda *a: stub)
     monkeypatch.setattr(run_module, "count_parameters", lambda model: (1, 1))
+    monkeypatch.setattr(run_module, "parameter_dtypes", lambda model: {"frozen": [], "trainable": ["float32"]})
     monkeypatch.setattr(run_module, "start_banner", lambda *a, **k: "banner")
     monkeypatch.setattr(run_module, "fit", lambda run: object())
     monkeypatch.setattr(run_module, "save_final", full_disk)
