@@ -54,9 +54,10 @@ def test_a_failing_final_save_writes_run_end_failed(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     config = SimpleNamespace(training=SimpleNamespace(use_cpu=True, seed=0), data=SimpleNamespace(preview=0),
-                             model=SimpleNamespace(tokenizer=None, model="tiny-qwen2", trust_remote_code=False))
+                             model=SimpleNamespace(tokenizer=None, model="tiny-qwen2", trust_remote_code=False),
+                             method=SimpleNamespace(finetuning_type="full"))
     stub = stub_run(tmp_path, Outcome.FINISHED)
-    stub.model, stub.max_steps, stub.args.world_size = None, 3, 1
+    stub.model, stub.max_steps, stub.args.world_size, stub.precision = None, 3, 1, "fp32"
     monkeypatch.setattr(run_module, "load_tokenizer", lambda *a: None)
     monkeypatch.setattr(run_module, "setup", lambda *a: stub)
     monkeypatch.setattr(run_module, "count_parameters", lambda model: (1, 1))
@@ -69,3 +70,4 @@ def test_a_failing_final_save_writes_run_end_failed(tmp_path, monkeypatch):
     end = read_run_end(tmp_path)
     assert (end["status"], end["outcome"], end["final_model"]) == ("failed", "failed", None)
     assert end["message"] == "OSError: No space left on device"
+
