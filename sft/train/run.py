@@ -323,7 +323,37 @@ def _trainer_args(config: SFTConfig, max_steps: int, precision: str, has_eval: b
     else:
         changes.update(checkpoint_args_overrides(False))
     args = dataclasses.replace(t, **changes)
+    use_one_gpu_without_launcher(args)
     return args
+
+
+def use_one_gpu_without_launcher(args, argv: Sequence[str] | None = None) -> bool:
+    """`python hf_sft.py` on a machine with N GPUs: train on GPU 0 and name the launch command for all N.
+
+    Without a launcher the Trainer wraps the model in DataParallel (args.n_gpu = N) and multiplies the
+    DataLoader batch size by N, which the stream's whole-batch DataLoader refuses at the first batch.
+    A launched process (accelerate launch, torchrun) always has n_gpu 1, so n_gpu > 1 means: no launcher.
+    Returns whether it restricted the run.
+    """
+    gpus = args.n_gpu
+    if gpus <= 1:
+        return False
+    args._n_gpu = 1  # as the Trainer itself does for model parallelism: no DataParallel, batch size stays 1
+    logger.warning(
+        "%d GPUs are visible but hf_sft.py was started as one process, without a launcher: training on "
+        "GPU 0 only. To train on all %d GPUs (one process each, DDP), run:\n  %s", gpus, gpus,
+        launch_command(gpus, argv))
+    return True
+
+
+def launch_command(processes: int, argv: Sequence[str] | None = None) -> str:
+    """The `accelerate launch` command that runs this very hf_sft.py command line on `processes` GPUs."""
+    import shlex
+
+    argv = list(sys.argv if argv is None else argv)
+    ours = bool(argv) and argv[0].endswith("hf_sft.py")  # else called as a library: flags unknown here
+    script, flags = (argv[0], argv[1:]) if ours else ("hf_sft.py", ["..."])
+    return shlex.join(["accelerate", "launch", "--num_processes", str(processes), script, *flags])
 
 
 def _write_summary(output_dir: str, stream: TrainStream) -> None:
