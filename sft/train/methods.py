@@ -64,8 +64,9 @@ def load_model_for_method(model_args, method_args, training_args):
         kwargs["quantization_config"] = _qlora_quantization_config(method_args, training_args)
         # 4-bit weights are placed at load time: each process on its own GPU.
         kwargs["device_map"] = {"": int(getattr(training_args, "local_process_index", 0) or 0)}
-    # transformers 5 always loads on the meta device and fills each tensor from the (memory-mapped)
-    # checkpoint already cast to `dtype`: host memory stays near one copy of the weights in that dtype.
+    # transformers 5 always loads on the meta device and fills each tensor from the memory-mapped
+    # checkpoint cast to `dtype`: private host memory stays near one copy of the weights in that dtype
+    # (no fp32 copy first; bench/load_memory.py measures it).
     return load_model(
         model_args.model,
         dtype=dtype,
