@@ -30,6 +30,7 @@ FINETUNING_TYPES = ("full", "freeze", "lora", "dora", "qlora", "prompt_tuning", 
 LORA_FAMILY = ("lora", "dora", "qlora", "full_then_lora")  # methods whose result is an adapter (mergeable)
 DEFAULT_DATA = ["data/demo_train.jsonl"]
 RUN_CONFIG_NAME = "sft_config.yaml"
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,10 @@ class ModelArguments:
     precision: str = field(
         default="auto", metadata={"help": "auto|bf16|fp16|fp32 (auto: bf16 where the CPU/GPU supports it)."}
     )
+    torch_dtype: str = field(default="auto", metadata={
+        "help": "Load dtype of the model weights: auto|float32|bfloat16|float16. auto: frozen weights (lora, dora, "
+                "qlora, freeze, prompt_tuning) in the training precision, full fine-tuning in fp32 (master weights "
+                "+ autocast). Trainable parameters stay fp32 except for full with an explicit dtype."})
 
     def problems(self) -> list[str]:
         out = []
@@ -58,6 +63,8 @@ class ModelArguments:
             out.append(f"--attn_implementation {self.attn_implementation!r}: expected sdpa, eager or flash_attention_2")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             out.append(f"--precision {self.precision!r}: expected auto, bf16, fp16 or fp32")
+        if self.torch_dtype not in TORCH_DTYPES:
+            out.append(f"--torch_dtype {self.torch_dtype!r}: expected auto, float32, bfloat16 or float16")
         return out
 
 
@@ -391,12 +398,29 @@ def _flag_hint(arg: str, known: set[str]) -> str:
 # ------------------------------------------------------------------------------------ training
 
 
+def dtype_problems(finetuning_type: str, torch_dtype: str, precision: str) -> list[str]:
+    """What a --torch_dtype cannot do with this method; precision bf16|fp16|fp32, or auto (not known yet)."""
+    out = []
+    if torch_dtype == "float16" and finetuning_type in ("full", "full_then_lora"):
+        out.append(f"--torch_dtype float16 with --finetuning_type {finetuning_type}: every weight would train in "
+                   "fp16, whose gradients the GradScaler cannot unscale. Use --torch_dtype bfloat16 for pure "
+                   "half-precision training, or auto (fp32 master weights, fp16 autocast)")
+    if finetuning_type == "freeze" and torch_dtype in ("bfloat16", "float16") and precision == "fp32":
+        out.append(f"--torch_dtype {torch_dtype} with --finetuning_type freeze and fp32 precision: the trainable "
+                   f"layers stay fp32 beside {torch_dtype} frozen ones, and without autocast their matmuls cannot "
+                   f"mix the two. Use --precision {'bf16' if torch_dtype == 'bfloat16' else 'fp16'}, or "
+                   "--torch_dtype auto")
+    return out
+
+
 def _training_cross_checks(model: ModelArguments, data: DataArguments, method: MethodArguments,
                            training: Any) -> list[str]:
+    out = []
     if data.packing and method.finetuning_type == "prompt_tuning":
-        return ["--packing with --finetuning_type prompt_tuning: the virtual tokens are prepended to every "
-                "row, so packed samples would share them and see each other; use --packing false"]
-    return []
+        out.append("--packing with --finetuning_type prompt_tuning: the virtual tokens are prepended to every "
+                   "row, so packed samples would share them and see each other; use --packing false")
+    out += dtype_problems(method.finetuning_type, model.torch_dtype, model.precision)
+    return out
 
 
 def parse_config(argv: list[str] | None = None, check_machine: bool = True,

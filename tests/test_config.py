@@ -62,6 +62,10 @@ def test_entry_script_reports_config_errors_without_traceback(capsys):
     (["--finetuning_type", "full", "--save_merged"], r"--save_merged only applies to LoRA-family.*full and freeze"),
     (["--finetuning_type", "freeze", "--save_merged", "true"], r"--save_merged only applies.*--finetuning_type freeze"),
     (["--early_stopping_patience", "2"], r"--early_stopping_patience 2 needs validation data.*--val_data"),
+    (["--torch_dtype", "bf16"], r"--torch_dtype 'bf16': expected auto, float32, bfloat16 or float16"),
+    (["--finetuning_type", "full", "--torch_dtype", "float16"], r"float16 with --finetuning_type full.*bfloat16"),
+    (["--finetuning_type", "freeze", "--torch_dtype", "bfloat16", "--precision", "fp32"],
+     r"freeze and fp32 precision.*--precision bf16"),
 ])
 def test_cross_field_problems_are_config_errors(flags, message):
     with pytest.raises(ConfigError, match=message):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sft.config import dtype_problems
 from sft.models import load_model
 from sft.train.export import merge_adapter
 
@@ -36,16 +37,36 @@ MERGED_DIR = "merged"
 # ------------------------------------------------------------------------------------ loading
 
 
+FULL_METHODS = ("full", "full_then_lora")  # every weight trains: fp32 master weights unless --torch_dtype says
+
+
+def load_dtype(finetuning_type: str, training_args, torch_dtype: str = "auto") -> str:
+    """The dtype the base model loads in: the dtype its frozen weights keep for the whole run.
+
+    auto: full fine-tuning keeps fp32 master weights (autocast computes in bf16/fp16); every other
+    method loads its frozen base in the training precision, so a 7B LoRA base is 15 GB, not 30 GB,
+    and autocast does not re-cast it on every forward. Trainable parameters are upcast to fp32 by
+    prepare_model either way. An explicit --torch_dtype wins (for full: pure bf16 training).
+    """
+    if torch_dtype != "auto":
+        return torch_dtype
+    if finetuning_type in FULL_METHODS:
+        return "float32"
+    return _compute_dtype_name(training_args)
+
+
 def load_model_for_method(model_args, method_args, training_args):
-    """Load the base model for a method; QLoRA loads it in 4-bit NF4 and needs a CUDA GPU."""
+    """Load the base model in its load_dtype; QLoRA loads it in 4-bit NF4 and needs a CUDA GPU."""
     kwargs: dict[str, Any] = {}
-    dtype = "float32"
+    dtype = load_dtype(method_args.finetuning_type, training_args, getattr(model_args, "torch_dtype", "auto"))
+    _check_dtype_combination(method_args.finetuning_type, dtype, training_args)
     if method_args.finetuning_type == "qlora":
         kwargs["quantization_config"] = _qlora_quantization_config(method_args, training_args)
         # 4-bit weights are placed at load time: each process on its own GPU.
         kwargs["device_map"] = {"": int(getattr(training_args, "local_process_index", 0) or 0)}
-        # 4-bit weights are de-quantized to the compute dtype; the rest of the model lives in it too.
-        dtype = _compute_dtype_name(training_args)
+    # transformers 5 always loads on the meta device and fills each tensor from the memory-mapped
+    # checkpoint cast to `dtype`: private host memory stays near one copy of the weights in that dtype
+    # (no fp32 copy first; bench/load_memory.py measures it).
     return load_model(
         model_args.model,
         dtype=dtype,
@@ -53,6 +74,14 @@ def load_model_for_method(model_args, method_args, training_args):
         trust_remote_code=model_args.trust_remote_code,
         **kwargs,
     )
+
+
+def _check_dtype_combination(kind: str, dtype: str, training_args) -> None:
+    # parse_config reported these already when it could; API callers (and precision auto) get them here.
+    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(_compute_dtype_name(training_args), "fp32")
+    problems = dtype_problems(kind, dtype, precision)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def _compute_dtype_name(training_args) -> str:
@@ -106,8 +135,33 @@ def prepare_model(model, method_args, training_args):
     else:
         raise ValueError(f"--finetuning_type {kind!r}: expected one of full, freeze, {', '.join(PEFT_METHODS)}, "
                          "full_then_lora")
+    if kind not in FULL_METHODS:
+        upcast_trainable_parameters(model)
     log_trainable_parameters(model, kind)
     return model
+
+
+def upcast_trainable_parameters(model: nn.Module) -> int:
+    """Trainable parameters in fp32 beside a half-precision frozen base; returns how many were cast.
+
+    fp16 trainable weights break the GradScaler ("Attempting to unscale FP16 gradients") and bf16 ones
+    lose small optimizer updates. PEFT already upcasts its adapters (autocast_adapter_dtype); this covers
+    freeze's trainable layers and anything a PEFT version leaves behind. Frozen weights are untouched.
+    """
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
+def parameter_dtypes(model: nn.Module) -> dict[str, list[str]]:
+    """{"frozen": [...], "trainable": [...]}: the dtype names present in each group (for the banner)."""
+    groups: dict[str, set[str]] = {"frozen": set(), "trainable": set()}
+    for param in model.parameters():
+        groups["trainable" if param.requires_grad else "frozen"].add(str(param.dtype).replace("torch.", ""))
+    return {name: sorted(dtypes) for name, dtypes in groups.items()}
 
 
 def apply_lora(model, method_args, training_args):

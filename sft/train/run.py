@@ -27,7 +27,7 @@ from sft.models import load_tokenizer
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
 from sft.tokens.stream import StreamOptions, TrainStream, count_records
-from sft.train.banner import start_banner
+from sft.train.banner import dtype_line, start_banner
 from sft.train.callbacks import RunOutcome, TrainingStoppedError, attach_callbacks
 from sft.train.checkpoints import (
     Outcome,
@@ -40,7 +40,14 @@ from sft.train.checkpoints import (
 from sft.train.collator import BatchStats, SampleIdLog, training_collator
 from sft.train.hybrid import run_full_then_lora
 from sft.train.loss import make_loss_func
-from sft.train.methods import count_parameters, load_model_for_method, prepare_model, save_final
+from sft.train.methods import (
+    FULL_METHODS,
+    count_parameters,
+    load_model_for_method,
+    parameter_dtypes,
+    prepare_model,
+    save_final,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +180,10 @@ def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] =
     if run.main_process:
         clear_run_end(output_dir)  # a resumed run is running again: watchers must keep waiting
         trainable, total = count_parameters(run.model)
-        print(start_banner(config, trainable, total, world_size=run.args.world_size, max_steps=run.max_steps),
-              flush=True)
+        dtypes = dtype_line(parameter_dtypes(run.model), run.precision,
+                            full=config.method.finetuning_type in FULL_METHODS)
+        print(start_banner(config, trainable, total, world_size=run.args.world_size, max_steps=run.max_steps,
+                           dtypes=dtypes), flush=True)
     try:
         finish(run, fit(run))
     except BaseException as err:
@@ -314,7 +323,37 @@ def _trainer_args(config: SFTConfig, max_steps: int, precision: str, has_eval: b
     else:
         changes.update(checkpoint_args_overrides(False))
     args = dataclasses.replace(t, **changes)
+    use_one_gpu_without_launcher(args)
     return args
+
+
+def use_one_gpu_without_launcher(args, argv: Sequence[str] | None = None) -> bool:
+    """`python hf_sft.py` on a machine with N GPUs: train on GPU 0 and name the launch command for all N.
+
+    Without a launcher the Trainer wraps the model in DataParallel (args.n_gpu = N) and multiplies the
+    DataLoader batch size by N, which the stream's whole-batch DataLoader refuses at the first batch.
+    A launched process (accelerate launch, torchrun) always has n_gpu 1, so n_gpu > 1 means: no launcher.
+    Returns whether it restricted the run.
+    """
+    gpus = args.n_gpu
+    if gpus <= 1:
+        return False
+    args._n_gpu = 1  # as the Trainer itself does for model parallelism: no DataParallel, batch size stays 1
+    logger.warning(
+        "%d GPUs are visible but hf_sft.py was started as one process, without a launcher: training on "
+        "GPU 0 only. To train on all %d GPUs (one process each, DDP), run:\n  %s", gpus, gpus,
+        launch_command(gpus, argv))
+    return True
+
+
+def launch_command(processes: int, argv: Sequence[str] | None = None) -> str:
+    """The `accelerate launch` command that runs this very hf_sft.py command line on `processes` GPUs."""
+    import shlex
+
+    argv = list(sys.argv if argv is None else argv)
+    ours = bool(argv) and argv[0].endswith("hf_sft.py")  # else called as a library: flags unknown here
+    script, flags = (argv[0], argv[1:]) if ours else ("hf_sft.py", ["..."])
+    return shlex.join(["accelerate", "launch", "--num_processes", str(processes), script, *flags])
 
 
 def _write_summary(output_dir: str, stream: TrainStream) -> None:

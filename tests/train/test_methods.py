@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("SFT_CACHE_DIR", "/tmp/sftcache")
 
@@ -18,10 +20,14 @@ from transformers import (
 
 from sft.config import MethodArguments, ModelArguments
 from sft.models import load_model, load_tokenizer
+from sft.train.banner import dtype_line
 from sft.train.hybrid import FULL_PHASE_DIR, run_full_then_lora, switch_step
 from sft.train.methods import (
+    FULL_METHODS,
     count_parameters,
+    load_dtype,
     load_model_for_method,
+    parameter_dtypes,
     parse_lora_target,
     prepare_model,
     save_final,
@@ -314,3 +320,83 @@ def test_full_then_lora_stop_at_the_switch_step_leaves_a_lora_start(tmp_path, to
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert (tmp_path / "run" / "checkpoint-2" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "checkpoint-2" / "SAVED").read_text() == "2"
+
+
+# ------------------------------------------------------------------------------ load dtype
+
+
+METHODS = ["full", "freeze", "lora", "dora", "prompt_tuning", "full_then_lora"]
+
+
+def _prepared(kind: str, training_args, torch_dtype: str = "auto"):
+    method = MethodArguments(finetuning_type=kind, lora_rank=4, num_virtual_tokens=4, freeze_trainable_layers=1)
+    model_args = ModelArguments(model=MODEL, torch_dtype=torch_dtype)
+    return prepare_model(load_model_for_method(model_args, method, training_args), method, training_args)
+
+
+def _dtypes(model) -> tuple[set, set]:
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    return frozen, trainable
+
+
+@pytest.mark.parametrize("kind", METHODS)
+def test_frozen_weights_load_in_the_training_precision(kind, tmp_path):
+    model = _prepared(kind, _args(tmp_path, bf16=True))
+    frozen, trainable = _dtypes(model)
+    assert trainable == {torch.float32}  # fp32 adapters / layers / master weights
+    assert frozen == (set() if kind in FULL_METHODS else {torch.bfloat16})
+
+
+def test_fp16_training_keeps_trainable_parameters_fp32(tmp_path):
+    # fp16 trainable weights break the GradScaler; only the frozen base may be fp16.
+    fp16 = SimpleNamespace(bf16=False, fp16=True)  # TrainingArguments refuses fp16 on this CPU
+    assert load_dtype("lora", fp16) == "float16" and load_dtype("full", fp16) == "float32"
+    for kind in ("lora", "freeze"):
+        assert _dtypes(_prepared(kind, fp16)) == ({torch.float16}, {torch.float32})
+
+
+def test_torch_dtype_overrides_the_rule(tmp_path):
+    args = _args(tmp_path, bf16=True)
+    assert _dtypes(_prepared("lora", args, torch_dtype="float32")) == ({torch.float32}, {torch.float32})
+    # full with an explicit half dtype: pure bf16 training, every weight in bf16
+    assert _dtypes(_prepared("full", args, torch_dtype="bfloat16")) == (set(), {torch.bfloat16})
+    # without autocast a LoRA base may still be bf16: PEFT casts the adapter input itself
+    assert _dtypes(_prepared("lora", _args(tmp_path), torch_dtype="bfloat16")) == ({torch.bfloat16}, {torch.float32})
+
+
+@pytest.mark.parametrize("kind, dtype, bf16, message", [
+    ("full", "float16", True, r"--torch_dtype float16 with --finetuning_type full: .*GradScaler"),
+    ("freeze", "bfloat16", False, r"freeze and fp32 precision: .*--precision bf16"),
+])
+def test_dtype_combinations_that_cannot_train(kind, dtype, bf16, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        _prepared(kind, _args(tmp_path, bf16=bf16), torch_dtype=dtype)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("lora", "  dtypes     frozen bfloat16, trainable float32, compute bf16 autocast"),
+    ("full", "  dtypes     frozen none, trainable float32, compute bf16 autocast (fp32 master weights)"),
+])
+def test_banner_states_the_dtypes(kind, expected, tmp_path):
+    line = dtype_line(parameter_dtypes(_prepared(kind, _args(tmp_path, bf16=True))), "bf16", kind in FULL_METHODS)
+    assert line == expected
+    assert dtype_line({"frozen": ["float32"], "trainable": ["float32"]}, "fp32", False).endswith(
+        "compute the weights' dtype (no autocast)")
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "freeze", "prompt_tuning"])
+def test_a_few_steps_train_with_bf16_frozen_weights(kind, tmp_path):
+    args = _args(tmp_path / "run", max_steps=2, bf16=True)
+    model = _prepared(kind, args)
+    before = _snapshot(model)
+    trainer = make_trainer(model, args)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    changed = _changed(before, model)
+    assert changed and changed <= trainable
+    if kind not in ("lora", "dora"):  # LoRA A only moves once B is non-zero, so one A may stay put
+        assert changed == trainable
+    assert _dtypes(model) == ({torch.bfloat16}, {torch.float32})  # the optimizer kept them apart
