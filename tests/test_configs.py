@@ -115,6 +115,7 @@ def _launch_dests() -> set[str]:
         ("deepspeed_zero2.yaml", "DEEPSPEED", 8, "bf16"),
         ("deepspeed_zero3.yaml", "DEEPSPEED", 8, "bf16"),
         ("cpu_2proc.yaml", "MULTI_GPU", 2, "no"),
+        ("multinode_ddp.yaml", "MULTI_GPU", 16, "bf16"),
     ],
 )
 def test_accelerate_config_loads_with_accelerates_own_classes(name, distributed_type, processes, precision):
@@ -165,6 +166,20 @@ def test_fsdp_config_builds_an_fsdp2_plugin(monkeypatch):
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
     assert plugin.reshard_after_forward is True
     assert plugin.activation_checkpointing is True
+
+
+def test_multinode_config_starts_its_share_of_processes_on_each_machine():
+    """Through `accelerate launch`'s own flag handling: a --machine_rank flag overrides the file, and each
+    machine runs num_processes / num_machines processes that meet at machine 0's address."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(ACCELERATE / "multinode_ddp.yaml"),
+                                               "--machine_rank", "1", "hf_sft.py"])
+    args, _, _ = _validate_launch_command(args)
+    prepare_multi_gpu_env(args)  # sets torchrun's arguments on args
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+    assert args.rdzv_endpoint == "10.0.0.1:29500"  # torchrun's static rendezvous at machine 0
 
 
 # ------------------------------------------------------------------------- bundled demo data

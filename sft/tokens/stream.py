@@ -17,9 +17,12 @@ that position, re-reads and re-encodes ONE cycle and skips the used batches. Res
 by the buffer size, whatever the number of steps already done.
 
 Several processes: rank r keeps records whose index in the file is r mod world_size (each sample is
-read by exactly one rank per epoch). With world_size > 1 accelerate wraps an IterableDataset in an
-IterableDatasetShard that keeps element r of every `world_size` consecutive elements, so the stream
-emits its own batch at position r and cheap placeholders elsewhere.
+read by exactly one rank per epoch); r is the global rank, numbered across all machines, so a record's
+owner does not depend on how the processes sit on machines. A saved position is valid only for the
+same world size (the training run checks the checkpoint's topology first and tells the user what to do).
+With world_size > 1 accelerate wraps an IterableDataset in an IterableDatasetShard that keeps element r
+of every `world_size` consecutive elements, so the stream emits its own batch at position r and cheap
+placeholders elsewhere.
 """
 from __future__ import annotations
 
@@ -98,7 +101,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(
                 f"the checkpoint was written by {state.get('world_size')} processes but this run has "
-                f"{self.world_size}: resume with the same number of processes")
+                f"{self.world_size}: resume with the same number of processes, or start a new run from the "
+                "checkpoint's weights (--model CHECKPOINT, without --resume_from_checkpoint)")
         self._resume = state
 
     # ---- iteration

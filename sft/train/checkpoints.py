@@ -11,7 +11,13 @@
   * When training writes a checkpoint-N folder that already exists (a restarted run reaching the
     same step), COMPLETE is removed before the Trainer starts overwriting it.
   * Data position: `checkpoint-N/data_state.json` (one process) or `data_state-rank{r}.json` (several);
-    written with `write_data_state`, read back with `read_data_state`.
+    written with `write_data_state`, read back with `read_data_state`. Each holds the run's `topology`
+    (`run_topology`: processes, machines, per-device batch, accumulation); `check_resume_topology`
+    refuses a resume whose data position would not fit, and says what to do instead.
+  * Several processes or machines: `output_dir` is ONE folder that every process sees (a shared file
+    system across machines; `check_output_dir_shared` refuses to start otherwise). The global main
+    process writes the weights, trainer state, COMPLETE and run_end.json; each process writes only
+    files named by its global rank (data state, RNG state, sample ids, rejects).
   * When the run is over, `<output_dir>/run_end.json` is written last (`write_run_end`): `status`
     finished / stopped / failed, `outcome` (an `Outcome` value), `message`, `last_checkpoint`,
     `final_model` (set when output_dir holds the final model) and `global_step`. A watching evaluator
@@ -24,6 +30,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -139,6 +146,119 @@ def read_data_state(checkpoint: str | os.PathLike, rank: int = 0, world_size: in
             f"of processes ({world_size} now), or start without --resume_from_checkpoint: a checkpoint "
             "without data_state.json was not written by hf_sft.py and its stream position is unknown")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------- topology
+
+
+def run_topology(world_size: int, per_device_train_batch_size: int, gradient_accumulation_steps: int) -> dict:
+    """What a checkpoint's data position depends on, and how the processes sat on machines.
+
+    Rank r reads records r mod world_size, and the position counts micro-batches of the per-device size
+    (a step is `gradient_accumulation_steps` of them). The machine split is recorded for the user: data
+    belongs to global ranks, not to machines. torchrun (and accelerate, which runs it) sets
+    LOCAL_WORLD_SIZE, the processes on this machine.
+    """
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    return {"world_size": int(world_size), "num_machines": max(1, int(world_size) // per_machine),
+            "processes_per_machine": per_machine, "per_device_train_batch_size": int(per_device_train_batch_size),
+            "gradient_accumulation_steps": int(gradient_accumulation_steps)}
+
+
+def saved_topology(checkpoint: str | os.PathLike) -> dict | None:
+    """The topology a checkpoint was written with (older checkpoints: only the world size), or None
+    when it holds no data state."""
+    for name in (DATA_STATE_NAME, data_state_name(0, 2)):
+        path = Path(checkpoint) / name
+        if path.is_file():
+            state = json.loads(path.read_text(encoding="utf-8"))
+            return state.get("topology") or {"world_size": int(state.get("world_size", 1))}
+    return None
+
+
+def _describe(topology: dict) -> str:
+    world = topology["world_size"]
+    text = f"{world} process{'es' if world != 1 else ''}"
+    if "num_machines" in topology:
+        machines, per = topology["num_machines"], topology["processes_per_machine"]
+        text += f" ({machines} machine{'s' if machines != 1 else ''} x {per})"
+    return text
+
+
+def fresh_start_hint(checkpoint: str | os.PathLike, adapter: bool) -> str:
+    """How to keep the weights of `checkpoint` but not its optimizer and data position."""
+    ckpt = str(checkpoint)
+    if adapter:
+        run = os.path.dirname(os.path.abspath(ckpt))
+        return (f"merge the adapter into its base (hf_sft_eval.py --run {run} --merge --merge_from {ckpt} "
+                f"--merge_output {ckpt}-merged) and start a new run with --model {ckpt}-merged")
+    return f"start a new run with --model {ckpt}"
+
+
+def check_resume_topology(checkpoint: str | os.PathLike, current: dict, adapter: bool = False) -> None:
+    """Refuse to resume `checkpoint` when its data position does not fit this run's `current` topology.
+
+    The world size, per-device batch size and gradient accumulation must match (see run_topology); a
+    different machine split of the same number of processes is fine on a shared output_dir.
+    """
+    saved = saved_topology(checkpoint)
+    if saved is None:
+        return  # read_data_state explains a checkpoint without data state
+    fresh = (f"To train with this setup instead, {fresh_start_hint(checkpoint, adapter)}, a new --output_dir "
+             "and no --resume_from_checkpoint (the weights carry over; the optimizer, learning-rate schedule "
+             "and data position start over).")
+    if saved["world_size"] != current["world_size"]:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: the checkpoint was written by {_describe(saved)}, this run "
+            f"has {_describe(current)}. Each process's data position is its own share of the data (rank r reads "
+            f"records r mod {saved['world_size']}), so it resumes only on {saved['world_size']} processes in all: "
+            f"relaunch with that many (e.g. accelerate launch --num_processes {saved['world_size']}, split over "
+            f"any number of machines; see docs/multi_gpu.md). {fresh}")
+    changed = [f"--{key} {saved[key]} (now {current[key]})"
+               for key in ("per_device_train_batch_size", "gradient_accumulation_steps")
+               if key in saved and saved[key] != current[key]]
+    if changed:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: the data position counts micro-batches of the checkpoint's "
+            f"batch layout; resume with {' and '.join(changed)}. {fresh}")
+    if saved.get("num_machines", current["num_machines"]) != current["num_machines"]:
+        logger.info("Resuming %s (written by %s) on %s: the data position belongs to global ranks, not machines",
+                    checkpoint, _describe(saved), _describe(current))
+
+
+def check_output_dir_shared(output_dir: str | os.PathLike, rank: int, world_size: int) -> None:
+    """Refuse to start unless every process sees the same output_dir (a shared file system).
+
+    Checkpoints gather each rank's data and RNG state beside the main process's weights, and resume reads
+    them back from one folder: with a disk per machine, a checkpoint would miss the other machines'
+    files and "auto" would resolve differently on each machine. Call on every process (collective).
+    """
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    marker = None
+    if rank == 0:
+        marker = Path(output_dir) / f".shared_check-{token[0]}"  # a fresh name: no stale negative cache on NFS
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, {"token": token[0]})
+    dist.broadcast_object_list(token, src=0)
+    path = Path(output_dir) / f".shared_check-{token[0]}"
+    deadline = time.time() + 5  # a network file system may show a new file a moment late
+    while not path.is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    seen: list = [None] * world_size
+    dist.all_gather_object(seen, path.is_file())
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+    blind = [r for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise ValueError(
+            f"--output_dir {output_dir}: process(es) {blind} do not see the files that process 0 writes there. "
+            "With several machines output_dir must be one folder on a file system shared by all of them (NFS, "
+            "Lustre, a mounted bucket...): every checkpoint holds each process's data position beside the "
+            "weights. Point --output_dir at a shared path on every machine.")
 
 
 # -------------------------------------------------------------------------------------- run end

@@ -31,13 +31,17 @@ from sft.train.banner import dtype_line, start_banner
 from sft.train.callbacks import RunOutcome, TrainingStoppedError, attach_callbacks
 from sft.train.checkpoints import (
     Outcome,
+    check_output_dir_shared,
+    check_resume_topology,
     clear_run_end,
     finish_checkpoint,
     read_data_state,
     resolve_resume,
+    run_topology,
     write_run_end,
 )
 from sft.train.collator import BatchStats, SampleIdLog, training_collator
+from sft.train.export import is_adapter_dir
 from sft.train.hybrid import run_full_then_lora
 from sft.train.loss import make_loss_func
 from sft.train.methods import (
@@ -149,6 +153,7 @@ class TrainingRun:
     precision: str
     resume: str | None
     max_steps: int
+    topology: dict  # stored with every data position (checkpoints.run_topology)
     outcome: RunOutcome = field(default_factory=RunOutcome)
     extra_callbacks: tuple = ()
     trainers: list = field(default_factory=list)  # one per phase (full_then_lora has two)
@@ -158,7 +163,7 @@ class TrainingRun:
         return self.args.process_index == 0
 
     def data_state_at(self, step: int) -> dict:
-        return self.stream.state_at(step * self.args.gradient_accumulation_steps)
+        return {**self.stream.state_at(step * self.args.gradient_accumulation_steps), "topology": self.topology}
 
 
 def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] = ()) -> int:
@@ -202,11 +207,14 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
     encode_options = encode_options_for(config)
     stream_options = stream_options_for(config)
     max_steps = compute_max_steps(config, sources, world)
+    check_output_dir_shared(t.output_dir, rank, world)
     resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
+    topology = run_topology(world, t.per_device_train_batch_size, t.gradient_accumulation_steps)
 
     stream = TrainStream(sources, tokenizer, encode_options, stream_options, rank=rank, world_size=world,
                          rejects_path=os.path.join(t.output_dir, f"train_rejects-rank{rank}.jsonl"))
     if resume:
+        check_resume_topology(resume, topology, adapter=is_adapter_dir(resume))
         stream.load_state(read_data_state(resume, rank, world))
     eval_batches = build_eval_batches(_validation_conversations(config, sources), tokenizer, encode_options,
                                       dataclasses.replace(stream_options, batch_size=t.per_device_eval_batch_size))
@@ -231,7 +239,7 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
     return TrainingRun(config=config, args=args, tokenizer=tokenizer, model=model, stream=stream,
                        eval_batches=eval_batches, collate=training_collator(stats, sample_log), sample_log=sample_log,
                        stats=stats, precision=precision, resume=resume, max_steps=max_steps,
-                       extra_callbacks=extra_callbacks)
+                       topology=topology, extra_callbacks=extra_callbacks)
 
 
 def make_trainer(run: TrainingRun, model, args) -> Trainer:
