@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_runs import REPO, _train, _write_data
+from test_train_runs import _train, _write_data
 
 # 24 records, 2 processes x 2 per device: 6 steps = one epoch. --shuffle_buffer 2 (one micro-batch per
 # shuffle cycle) without length grouping keeps the samples of a step the same set whatever the process
