@@ -39,7 +39,7 @@ from sft.train.checkpoints import (
 )
 from sft.train.collator import BatchStats, SampleIdLog, training_collator
 from sft.train.hybrid import run_full_then_lora
-from sft.train.loss import make_loss_func
+from sft.train.loss import attach_chunked_loss
 from sft.train.methods import count_parameters, load_model_for_method, prepare_model, save_final
 
 logger = logging.getLogger(__name__)
@@ -227,9 +227,9 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
 
 def make_trainer(run: TrainingRun, model, args) -> Trainer:
     """One HF Trainer over the run's stream, collator, loss and callbacks (full_then_lora makes two)."""
+    attach_chunked_loss(model)  # the model returns the loss: computed in its forward, where engines gather the head
     trainer = Trainer(model=model, args=args, train_dataset=run.stream, eval_dataset=run.eval_batches or None,
-                      data_collator=run.collate, processing_class=run.tokenizer,
-                      compute_loss_func=make_loss_func(model, autocast_dtype=_autocast_dtype(run.precision)))
+                      data_collator=run.collate, processing_class=run.tokenizer)
     attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
                      early_stopping_patience=run.config.data.early_stopping_patience,
                      tensorboard="tensorboard" in (args.report_to or []))
@@ -286,10 +286,6 @@ def check_packing_isolation(model, tokenizer, name: str) -> None:
                           f"{leak:.1%} when two samples share a row). Its attention does not build the "
                           "per-sample mask from position_ids; train it with --packing false.")
     logger.info("Packing isolation checked: packed and separate logits agree (relative difference %.1e)", leak)
-
-
-def _autocast_dtype(precision: str):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def _trainer_args(config: SFTConfig, max_steps: int, precision: str, has_eval: bool):
