@@ -38,6 +38,7 @@ from sft.train.checkpoints import (
     write_run_end,
 )
 from sft.train.collator import BatchStats, SampleIdLog, training_collator
+from sft.train.engine import EngineReport, apply_requested_engine
 from sft.train.hybrid import run_full_then_lora
 from sft.train.loss import attach_chunked_loss
 from sft.train.methods import count_parameters, load_model_for_method, prepare_model, save_final
@@ -230,10 +231,11 @@ def make_trainer(run: TrainingRun, model, args) -> Trainer:
     attach_chunked_loss(model)  # the model returns the loss: computed in its forward, where engines gather the head
     trainer = Trainer(model=model, args=args, train_dataset=run.stream, eval_dataset=run.eval_batches or None,
                       data_collator=run.collate, processing_class=run.tokenizer)
+    apply_requested_engine(trainer)  # FSDP on CPU, or a loud warning when the launch asked for another engine
     attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
                      early_stopping_patience=run.config.data.early_stopping_patience,
                      tensorboard="tensorboard" in (args.report_to or []))
-    for callback in (run.sample_log, *run.extra_callbacks):
+    for callback in (run.sample_log, EngineReport(), *run.extra_callbacks):
         trainer.add_callback(callback)
     run.trainers.append(trainer)
     return trainer
@@ -258,12 +260,13 @@ def finish(run: TrainingRun, model) -> None:
     outcome = run.outcome
     if outcome.outcome is Outcome.NONFINITE:
         raise TrainingStoppedError(outcome.message)
-    if not run.main_process:
-        return
     output_dir = run.args.output_dir
     final = outcome.outcome.saves_final_model
-    if final:
-        save_final(model, run.tokenizer, output_dir, run.config.method)
+    if final:  # on every process: a sharded model is gathered by all ranks, then written by rank 0
+        save_final(model, run.tokenizer, output_dir, run.config.method,
+                   trainer=run.trainers[-1] if run.trainers else None)
+    if not run.main_process:
+        return
     if outcome.message:
         (logger.info if final else logger.warning)(outcome.message)
     _write_summary(output_dir, run.stream)
