@@ -35,7 +35,7 @@ def run_child(args: argparse.Namespace) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from sft.train.loss import loss_model_kwargs, make_loss_func
+    from sft.train.loss import attach_chunked_loss
 
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -62,12 +62,11 @@ def run_child(args: argparse.Namespace) -> dict:
             loss.backward()
             return loss
     else:
-        loss_func = make_loss_func(model, chunk_size=args.chunk, autocast_dtype=dtype)
+        attach_chunked_loss(model, chunk_size=args.chunk)
 
         def step():
             with autocast():
-                outputs = model(input_ids=input_ids, **loss_model_kwargs())
-            loss = loss_func(outputs, labels)
+                loss = model(input_ids=input_ids, labels=labels).loss
             loss.backward()
             return loss
 

@@ -116,6 +116,7 @@ def _launch_dests() -> set[str]:
         ("deepspeed_zero3.yaml", "DEEPSPEED", 8, "bf16"),
         ("cpu_2proc.yaml", "MULTI_GPU", 2, "no"),
         ("multinode_ddp.yaml", "MULTI_GPU", 16, "bf16"),
+        ("fsdp_cpu_2proc.yaml", "FSDP", 2, "no"),
     ],
 )
 def test_accelerate_config_loads_with_accelerates_own_classes(name, distributed_type, processes, precision):

@@ -38,7 +38,7 @@ from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
 from sft.tokens.stream import StreamOptions
 from sft.train.checkpoints import complete_checkpoints, is_complete_checkpoint, read_run_end
-from sft.train.loss import loss_model_kwargs, make_loss_func
+from sft.train.loss import attach_chunked_loss
 from sft.train.run import encode_options_for
 
 logger = logging.getLogger(__name__)
@@ -233,14 +233,13 @@ class ModelCache:
 
 def masked_loss_sum(model, batches: list[dict]) -> tuple[float, int]:
     """(summed cross-entropy, supervised tokens) over padded batches, with the training loss code (sft.train.loss)."""
-    loss_sum = make_loss_func(model)
     total, count = 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), attach_chunked_loss(model):
         for batch in batches:
             labels = batch["labels"]
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                            **loss_model_kwargs())
-            total += float(loss_sum(outputs, labels, num_items_in_batch=1))  # denominator 1: a sum
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
+                            num_items_in_batch=1)  # denominator 1: a sum
+            total += float(outputs.loss)
             count += int((labels[:, 1:] != -100).sum())
     return total, count
 

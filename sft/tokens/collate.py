@@ -167,6 +167,15 @@ def _first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def _vocab_size(model) -> int:
+    """config.vocab_size: under ZeRO-3 a partitioned embedding weight has shape (0,), so never read it."""
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    raise ValueError(f"{type(model).__name__}: its config has no vocab_size; --packing needs it to build "
+                     "the isolation check's token ids")
+
+
 def packing_leak(model, pad_id: int, one_row: bool = False) -> float:
     """How much packing changes a model's logits: 0.0 when packed samples are isolated.
 
@@ -176,7 +185,7 @@ def packing_leak(model, pad_id: int, one_row: bool = False) -> float:
     packed (the two shorter ones share a row) and alone, and returns the largest logit difference
     relative to the logit scale.
     """
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = _vocab_size(model)
     texts = [[(k * i + 3 * k) % vocab for i in range(n)] for k, n in ((7, 11), (11, 6), (13, 5))]
     samples = [{"input_ids": ids, "labels": ids} for ids in texts]
     batch = pack_collate(samples, None if one_row else pad_id)

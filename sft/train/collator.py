@@ -1,7 +1,7 @@
 """The training collator and what it records: token counts for the throughput logs, sample ids per step.
 
 The stream (sft.tokens.stream) yields whole pre-collated micro-batches, so the DataLoader's batch size is
-1 and this collator only unwraps, records and adds the loss's model kwargs (sft.train.loss).
+1 and this collator only unwraps and records (the loss runs in the model's forward: sft.train.loss).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from transformers import TrainerCallback
 
 from sft.tokens.collate import unwrap_collate
 from sft.tokens.encoding import IGNORE_INDEX
-from sft.train.loss import loss_model_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +70,10 @@ class BatchStats:
 
 
 def training_collator(stats: BatchStats, sample_log: "SampleIdLog"):
-    """DataLoader collate_fn: unwrap the stream's batch, record its stats and ids, add the loss's kwargs.
+    """DataLoader collate_fn: unwrap the stream's batch, record its stats and ids.
 
     [{"input_ids", "labels", "attention_mask" | "position_ids", "padding_tokens"?, "sample_ids"}]
-        -> {"input_ids", "labels", ..., "output_hidden_states": -1, "logits_to_keep": 1}
+        -> {"input_ids", "labels", "attention_mask" | "position_ids", ...}
     Evaluation batches (no sample ids) go through the same collator but are not counted.
     """
 
@@ -85,7 +84,6 @@ def training_collator(stats: BatchStats, sample_log: "SampleIdLog"):
             sample_log.record(ids)
             stats.record(batch)
         batch.pop("padding_tokens", None)  # a count for the stats, not a model input
-        batch.update(loss_model_kwargs())
         return batch
 
     return collate

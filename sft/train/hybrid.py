@@ -32,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from sft.files import atomic_path
 from sft.models import load_model
 from sft.train.export import is_adapter_dir
-from sft.train.methods import apply_lora, log_trainable_parameters
+from sft.train.methods import apply_lora, gathered_state_dict, log_trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +139,17 @@ def run_full_then_lora(
     phase1.optimizer = phase1.lr_scheduler = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    model = phase1.model
+    model = phase1.accelerator.unwrap_model(phase1.model)
+    # Every rank joins the gather of a sharded model; rank 0 writes it.
+    state_dict = gathered_state_dict(phase1)
     if training_args.should_save:
-        _save_switch_weights(model, tokenizer, output_dir, switch.switch_step, phase1.state.max_steps, method_args)
+        _save_switch_weights(model, state_dict, tokenizer, output_dir, switch.switch_step, phase1.state.max_steps,
+                             method_args)
+    del state_dict
     _barrier()
-
-    lora_model = apply_lora(_load_switch_weights(output_dir, model, reload=False), method_args, training_args)
+    # A sharded phase-1 model (FSDP/ZeRO-3) cannot take adapters in place: every rank reloads the switch weights.
+    sharded = phase1.is_fsdp_enabled or phase1.is_deepspeed_enabled
+    lora_model = apply_lora(_load_switch_weights(output_dir, model, reload=sharded), method_args, training_args)
     phase2 = make_trainer(lora_model, training_args)
     start = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{switch.switch_step}"
     _write_phase2_start(phase2, lora_model, tokenizer, phase1.state, start, training_args)
@@ -160,11 +165,15 @@ def run_full_then_lora(
     return _train_lora_phase(phase2, start)
 
 
-def _save_switch_weights(model, tokenizer, output_dir: Path, step: int, max_steps: int, method_args) -> Path:
-    """Write full_phase/ atomically: a half-written base would poison every later adapter."""
+def _save_switch_weights(model, state_dict, tokenizer, output_dir: Path, step: int, max_steps: int,
+                         method_args) -> Path:
+    """Write full_phase/ atomically: a half-written base would poison every later adapter.
+
+    state_dict: the gathered full weights (methods.gathered_state_dict), never the sharded parameters.
+    """
     target = output_dir / FULL_PHASE_DIR
     with atomic_path(target, folder=True) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / SWITCH_FILE).write_text(json.dumps(
@@ -208,6 +217,8 @@ def _write_phase2_start(trainer, lora_model, tokenizer, phase1_state: TrainerSta
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
         for _ in range(phase1_state.global_step):
             trainer.lr_scheduler.step()
+    # The LoRA model is not prepared by an engine yet (the phase-2 Trainer wraps it in train()), so its
+    # parameters are plain tensors on every rank and rank 0 can save it alone.
     if training_args.should_save:
         with atomic_path(folder, folder=True) as tmp:
             tmp.mkdir(parents=True)

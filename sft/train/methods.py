@@ -12,7 +12,7 @@ The Trainer wiring calls, in order:
     model = load_model_for_method(model_args, method_args, training_args)
     model = prepare_model(model, method_args, training_args)
     ... train (or sft.train.hybrid.run_full_then_lora for full_then_lora) ...
-    save_final(model, tokenizer, output_dir, method_args)
+    save_final(model, tokenizer, output_dir, method_args, trainer)   # on every process
 """
 from __future__ import annotations
 
@@ -294,25 +294,56 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_final(model, tokenizer, output_dir: str | os.PathLike, method_args) -> Path:
-    """Save the run's result in output_dir, loadable alone.
+def save_final(model, tokenizer, output_dir: str | os.PathLike, method_args, trainer=None) -> Path:
+    """Save the run's result in output_dir, loadable alone. Call on EVERY process when several run.
 
-    PEFT methods: the adapter (adapter_config.json + adapter_model.safetensors) + tokenizer; with
-    --save_merged also full merged weights + tokenizer in output_dir/merged. full/freeze: full weights
-    + tokenizer. The tokenizer carries its chat template, so the folder is ready for inference.
+    With the run's Trainer, `trainer.save_model` writes it: every rank joins the gather of a sharded
+    model (FSDP FULL_STATE_DICT, ZeRO-3 16-bit) and rank 0 writes plain safetensors; without one (a
+    single process, tests) the model saves itself. PEFT methods: the adapter (adapter_config.json +
+    adapter_model.safetensors) + tokenizer; with --save_merged also full merged weights + tokenizer in
+    output_dir/merged. full/freeze: full weights + tokenizer. The tokenizer carries its chat template,
+    so the folder is ready for inference.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    if method_args.save_merged and (not is_peft_model(_unwrapped(model, trainer))
+                                    or method_args.finetuning_type == "prompt_tuning"):
+        raise ValueError(
+            f"--save_merged needs a LoRA-family run; this model ({type(model).__name__}, --finetuning_type "
+            f"{method_args.finetuning_type}) has no LoRA adapter to merge. Drop --save_merged."
+        )
+    main = trainer is None or trainer.args.should_save
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    if trainer is not None:
+        trainer.save_model(str(out))  # collective under FSDP/ZeRO-3; writes on rank 0 only
+        _barrier()  # every rank is done gathering before rank 0 goes on (merge, run_end.json)
+    else:
+        model.save_pretrained(out)
+    if not main:
+        return out
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if method_args.save_merged:
-        if not is_peft_model(model) or method_args.finetuning_type == "prompt_tuning":
-            raise ValueError(
-                f"--save_merged needs a LoRA-family run; this model ({type(model).__name__}, --finetuning_type "
-                f"{method_args.finetuning_type}) has no LoRA adapter to merge. Drop --save_merged."
-            )
-        base_config = model.get_base_model().config
+        base_config = _unwrapped(model, trainer).get_base_model().config
         dtype = str(getattr(base_config, "dtype", None) or "float32").replace("torch.", "")
         merge_adapter(out, out / MERGED_DIR, tokenizer, dtype=dtype)
     return out
+
+
+def gathered_state_dict(trainer) -> dict:
+    """The full (unsharded) state dict of the Trainer's model. Collective: call on every process.
+
+    Under FSDP (FULL_STATE_DICT) and ZeRO-3 (16-bit gather) the tensors land on rank 0 (others get an
+    empty dict or placeholders); without sharding it is the unwrapped model's own state dict.
+    """
+    engine_model = trainer.model_wrapped if getattr(trainer, "is_deepspeed_enabled", False) else trainer.model
+    return trainer.accelerator.get_state_dict(engine_model)
+
+
+def _unwrapped(model, trainer):
+    return trainer.accelerator.unwrap_model(trainer.model) if trainer is not None else model
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

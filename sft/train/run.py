@@ -41,9 +41,10 @@ from sft.train.checkpoints import (
     write_run_end,
 )
 from sft.train.collator import BatchStats, SampleIdLog, training_collator
+from sft.train.engine import EngineReport, apply_requested_engine
 from sft.train.export import is_adapter_dir
 from sft.train.hybrid import run_full_then_lora
-from sft.train.loss import make_loss_func
+from sft.train.loss import attach_chunked_loss
 from sft.train.methods import (
     FULL_METHODS,
     count_parameters,
@@ -244,13 +245,14 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
 
 def make_trainer(run: TrainingRun, model, args) -> Trainer:
     """One HF Trainer over the run's stream, collator, loss and callbacks (full_then_lora makes two)."""
+    attach_chunked_loss(model)  # the model returns the loss: computed in its forward, where engines gather the head
     trainer = Trainer(model=model, args=args, train_dataset=run.stream, eval_dataset=run.eval_batches or None,
-                      data_collator=run.collate, processing_class=run.tokenizer,
-                      compute_loss_func=make_loss_func(model, autocast_dtype=_autocast_dtype(run.precision)))
+                      data_collator=run.collate, processing_class=run.tokenizer)
+    apply_requested_engine(trainer)  # FSDP on CPU, or a loud warning when the launch asked for another engine
     attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
                      early_stopping_patience=run.config.data.early_stopping_patience,
                      tensorboard="tensorboard" in (args.report_to or []))
-    for callback in (run.sample_log, *run.extra_callbacks):
+    for callback in (run.sample_log, EngineReport(), *run.extra_callbacks):
         trainer.add_callback(callback)
     run.trainers.append(trainer)
     return trainer
@@ -275,12 +277,13 @@ def finish(run: TrainingRun, model) -> None:
     outcome = run.outcome
     if outcome.outcome is Outcome.NONFINITE:
         raise TrainingStoppedError(outcome.message)
-    if not run.main_process:
-        return
     output_dir = run.args.output_dir
     final = outcome.outcome.saves_final_model
-    if final:
-        save_final(model, run.tokenizer, output_dir, run.config.method)
+    if final:  # on every process: a sharded model is gathered by all ranks, then written by rank 0
+        save_final(model, run.tokenizer, output_dir, run.config.method,
+                   trainer=run.trainers[-1] if run.trainers else None)
+    if not run.main_process:
+        return
     if outcome.message:
         (logger.info if final else logger.warning)(outcome.message)
     _write_summary(output_dir, run.stream)
@@ -303,10 +306,6 @@ def check_packing_isolation(model, tokenizer, name: str) -> None:
                           f"{leak:.1%} when two samples share a row). Its attention does not build the "
                           "per-sample mask from position_ids; train it with --packing false.")
     logger.info("Packing isolation checked: packed and separate logits agree (relative difference %.1e)", leak)
-
-
-def _autocast_dtype(precision: str):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def _trainer_args(config: SFTConfig, max_steps: int, precision: str, has_eval: bool):

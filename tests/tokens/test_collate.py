@@ -145,6 +145,7 @@ class _IgnoresPositions(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
+        self.config = inner.config
 
     def get_input_embeddings(self):
         return self.inner.get_input_embeddings()
@@ -167,3 +168,14 @@ def test_packing_isolation_check_refuses_a_model_that_leaks(qwen_tokenizer):
     assert packing_leak(leaky, qwen_tokenizer.pad_token_id) > 1e-3
     with pytest.raises(ConfigError, match="lets packed samples attend to each other .* train it with --packing false"):
         check_packing_isolation(leaky, qwen_tokenizer, "custom-model")
+
+
+def test_packing_check_reads_the_vocabulary_from_the_config_not_a_partitioned_weight(qwen_tokenizer):
+    """Under ZeRO-3 the embedding weight is an empty partition: its shape[0] is 0, not the vocabulary."""
+    from sft.models import load_model
+
+    model = load_model("tiny-qwen2")
+    full = packing_leak(model, qwen_tokenizer.pad_token_id)
+    model.get_input_embeddings().weight = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves on a rank
+    model.get_input_embeddings().forward = lambda ids: model.get_output_embeddings().weight[ids]  # tied: same values
+    assert packing_leak(model, qwen_tokenizer.pad_token_id) == full

@@ -13,14 +13,14 @@ def stream_batch():
             "sample_ids": ["a.jsonl:1", "a.jsonl:2"]}
 
 
-def test_unwraps_records_and_adds_the_loss_kwargs(tmp_path):
+def test_unwraps_and_records(tmp_path):
     stats, log = BatchStats(), SampleIdLog(str(tmp_path / "ids.jsonl"), accumulation=1)
     batch = stream_batch()
     out = training_collator(stats, log)([batch])
-    assert set(out) == {"input_ids", "labels", "position_ids", "use_cache", "output_hidden_states", "logits_to_keep"}
+    assert set(out) == {"input_ids", "labels", "position_ids", "use_cache"}
     for key in ("input_ids", "labels", "position_ids"):
         assert torch.equal(out[key], batch[key])
-    assert (out["use_cache"], out["output_hidden_states"], out["logits_to_keep"]) == (False, -1, 1)
+    assert out["use_cache"] is False
     assert "sample_ids" in batch and "padding_tokens" in batch  # the stream's batch itself is left alone
     assert stats.pop(1) == {"real_tokens": 5, "supervised_tokens": 3, "padded_tokens": 1}
     log.on_step_end(None, type("State", (), {"global_step": 1})(), None)
@@ -32,7 +32,7 @@ def test_eval_batches_are_not_counted(tmp_path):
     eval_batch = {"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]]),
                   "labels": torch.tensor([[-100, 2, -100]])}  # build_eval_batches: no sample ids
     out = training_collator(stats, log)([eval_batch])
-    assert torch.equal(out["attention_mask"], eval_batch["attention_mask"]) and out["logits_to_keep"] == 1
+    assert torch.equal(out["attention_mask"], eval_batch["attention_mask"])
     assert len(stats) == 0 and log.pending == []
 
 

@@ -1,4 +1,4 @@
-"""sft.train.loss: equal to the plain HF loss, normalized over the accumulation window, memory-light."""
+"""sft.train.loss: equal to the plain HF loss, normalized over the accumulation window, memory-light, in the forward."""
 from __future__ import annotations
 
 import copy
@@ -8,11 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from sft.models import load_model
-from sft.train.loss import (
-    IGNORE_INDEX,
-    loss_model_kwargs,
-    make_loss_func,
-)
+from sft.train.loss import IGNORE_INDEX, attach_chunked_loss
 
 # Four samples: (input ids, number of leading prompt tokens with label -100). Supervised lengths differ
 # (3, 7, 1 and 10 tokens) so a per-micro-batch mean would weight them differently.
@@ -56,11 +52,6 @@ def pad_batch(features: list[dict]) -> dict:
     return {k: torch.tensor(v) for k, v in batch.items()}
 
 
-def pad_batch_with_loss_kwargs(features):
-    """What the training collator hands the model: the batch plus loss_model_kwargs()."""
-    return {**pad_batch(features), **loss_model_kwargs()}
-
-
 def pack_batch(features: list[dict]) -> dict:
     """One packed row: position ids restart per sample, each sample's first label masked, no attention mask."""
     ids, labels, positions = [], [], []
@@ -82,18 +73,17 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 def plain_and_chunked(model, batch, chunk_size, num_items=None):
-    """(loss, grads) from model(labels=...).loss and from make_loss_func, on the same batch."""
+    """(loss, grads) from the model's own HF loss and from the attached chunked loss, on the same batch."""
     model.zero_grad()
     extra = {} if num_items is None else {"num_items_in_batch": num_items}
     plain = model(**batch, **extra).loss
     plain.backward()
     plain_grads = grads(model)
     model.zero_grad()
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    ours = make_loss_func(model, chunk_size=chunk_size)(
-        model(**inputs, **loss_model_kwargs()), batch["labels"], num_items_in_batch=num_items
-    )
-    ours.backward()
+    with attach_chunked_loss(model, chunk_size=chunk_size) as chunked:
+        ours = model(**batch, **extra).loss
+        ours.backward()
+    assert chunked.chunks_run, "the chunked loss did not run"
     return plain, plain_grads, ours, grads(model)
 
 
@@ -127,11 +117,10 @@ def test_zero_supervised_tokens_give_zero_loss_and_zero_grad(tiny_qwen2, num_ite
     ids = [11, 12, 13, 14, 15]
     batch = pad_batch([{"input_ids": ids, "labels": [IGNORE_INDEX] * 5}])
     tiny_qwen2.zero_grad()
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    loss = make_loss_func(tiny_qwen2)(
-        tiny_qwen2(**inputs, **loss_model_kwargs()), batch["labels"], num_items_in_batch=num_items
-    )
-    loss.backward()
+    extra = {} if num_items is None else {"num_items_in_batch": num_items}
+    with attach_chunked_loss(tiny_qwen2):
+        loss = tiny_qwen2(**batch, **extra).loss
+        loss.backward()
     assert loss.item() == 0.0
     our_grads = grads(tiny_qwen2)
     assert our_grads, "backward reached no parameter"
@@ -176,12 +165,10 @@ def test_untied_head_with_bf16_autocast():
     batch = pad_batch(features())
     batch["input_ids"] = batch["input_ids"] % 512
     batch["labels"] = torch.where(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX, batch["labels"] % 512)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model(**batch).loss
-        ours = make_loss_func(model, chunk_size=4, autocast_dtype=torch.bfloat16)(
-            model(**inputs, **loss_model_kwargs()), batch["labels"]
-        )
+        with attach_chunked_loss(model, chunk_size=4):
+            ours = model(**batch).loss
     assert ours.dtype == torch.float32
     assert abs(ours.item() - plain.item()) < 1e-2
     ours.backward()
@@ -189,8 +176,9 @@ def test_untied_head_with_bf16_autocast():
 
     # Nothing supervised: the untied head still gets a (zero) gradient, as DDP requires.
     model.zero_grad(set_to_none=True)
-    nothing = make_loss_func(model)(model(**inputs, **loss_model_kwargs()), torch.full_like(batch["labels"], -100))
-    nothing.backward()
+    with attach_chunked_loss(model):
+        nothing = model(**{**batch, "labels": torch.full_like(batch["labels"], -100)}).loss
+        nothing.backward()
     assert nothing.item() == 0.0
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().max().item() == 0.0
 
@@ -213,21 +201,19 @@ def trainer_gradients(model, tmp_path, batch_size: int, accumulation: int) -> di
         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
     )
     recorder = GradientRecorder()
-    loss_shapes = []
-    loss_func = make_loss_func(model, chunk_size=4)
-
-    def recording_loss_func(outputs, labels, num_items_in_batch=None):
-        loss_shapes.append((tuple(outputs.logits.shape), int(num_items_in_batch)))
-        return loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
-
-    trainer = Trainer(
-        model=model, args=args, train_dataset=features(), data_collator=pad_batch_with_loss_kwargs,
-        compute_loss_func=recording_loss_func, callbacks=[recorder],
-    )
+    chunked = attach_chunked_loss(model, chunk_size=4)
+    window_counts = []
+    model.register_forward_pre_hook(  # registered after the loss's hook: sees what the head will see
+        lambda module, args, kwargs: window_counts.append(kwargs.get("logits_to_keep")), with_kwargs=True)
+    num_items = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: num_items.append(int(kwargs["num_items_in_batch"])), with_kwargs=True,
+        prepend=True)
+    trainer = Trainer(model=model, args=args, train_dataset=features(), data_collator=pad_batch, callbacks=[recorder])
     trainer.train()
-    # Every micro-batch asked the model for one logit row only, and was normalized by the window's 21 tokens.
-    assert len(loss_shapes) == accumulation
-    assert all(shape[1] == 1 and num_items == 21 for shape, num_items in loss_shapes)
+    # Every micro-batch ran the chunked loss in its forward, normalized by the window's 21 tokens.
+    assert len(chunked.chunks_run) == accumulation and num_items == [21] * accumulation
+    assert window_counts == [0] * accumulation  # the head saw every position (it projects the supervised ones)
     return recorder.grads
 
 
@@ -255,29 +241,30 @@ def test_trainer_evaluate_matches_plain_loss(tiny_qwen2, tmp_path):
         return trainer.evaluate()["eval_loss"]
 
     plain = eval_loss(data_collator=pad_batch)
-    ours = eval_loss(data_collator=pad_batch_with_loss_kwargs, compute_loss_func=make_loss_func(tiny_qwen2))
-    assert abs(ours - plain) < 1e-5
+    with attach_chunked_loss(tiny_qwen2) as chunked:
+        ours = eval_loss(data_collator=pad_batch)
+    assert chunked.chunks_run and abs(ours - plain) < 1e-5
 
 
-def test_missing_hidden_states_says_how_to_fix(tiny_qwen2):
+def test_without_labels_the_model_is_unchanged(tiny_qwen2):
+    batch = pad_batch(features()[:2])
+    plain = tiny_qwen2(input_ids=batch["input_ids"]).logits
+    with attach_chunked_loss(tiny_qwen2) as chunked:
+        ours = tiny_qwen2(input_ids=batch["input_ids"]).logits
+    assert torch.equal(plain, ours) and chunked.chunks_run == []
+
+
+def test_post_processed_logits_are_rejected(tiny_qwen2):
     batch = pad_batch(features()[:1])
-    outputs = tiny_qwen2(input_ids=batch["input_ids"], logits_to_keep=1)
-    with pytest.raises(ValueError, match="loss_model_kwargs"):
-        make_loss_func(tiny_qwen2)(outputs, batch["labels"])
-
-
-def test_pre_norm_hidden_state_is_rejected(tiny_qwen2):
-    batch = pad_batch(features()[:1])
-    outputs = tiny_qwen2(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1)
-    outputs["hidden_states"] = outputs.hidden_states[:-1]  # last entry is now layer 1's pre-norm output
-    with pytest.raises(ValueError, match="before its final"):
-        make_loss_func(tiny_qwen2)(outputs, batch["labels"])
+    model = copy.deepcopy(tiny_qwen2)
+    model.register_forward_hook(lambda module, args, output: output.__setitem__("logits", output.logits * 3))
+    with attach_chunked_loss(model), pytest.raises(ValueError, match="post-processes its logits"):
+        model(**batch)
 
 
 def test_bad_arguments(tiny_qwen2):
     with pytest.raises(ValueError, match="chunk_size=0"):
-        make_loss_func(tiny_qwen2, chunk_size=0)
+        attach_chunked_loss(tiny_qwen2, chunk_size=0)
     batch = pad_batch(features()[:1])
-    outputs = tiny_qwen2(input_ids=batch["input_ids"], **loss_model_kwargs())
-    with pytest.raises(ValueError, match=r"labels shape \(1, 5\)"):
-        make_loss_func(tiny_qwen2)(outputs, batch["labels"][:, :5])
+    with attach_chunked_loss(tiny_qwen2), pytest.raises(ValueError, match=r"labels shape \(1, 5\)"):
+        tiny_qwen2(input_ids=batch["input_ids"], labels=batch["labels"][:, :5])

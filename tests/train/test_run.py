@@ -25,7 +25,7 @@ def stub_run(tmp_path, outcome: Outcome, message: str = ""):
 ])
 def test_outcome_decides_the_final_save_and_run_end(tmp_path, monkeypatch, outcome, status, saved):
     saves = []
-    monkeypatch.setattr(run_module, "save_final", lambda model, tokenizer, out, method: saves.append(out))
+    monkeypatch.setattr(run_module, "save_final", lambda model, tokenizer, out, method, trainer=None: saves.append(out))
     message = "" if outcome is Outcome.FINISHED else f"{outcome.value} at step 3"
     run_module.finish(stub_run(tmp_path, outcome, message), model=object())
     end = read_run_end(tmp_path)
@@ -35,7 +35,7 @@ def test_outcome_decides_the_final_save_and_run_end(tmp_path, monkeypatch, outco
 
 
 def test_nonfinite_raises_with_the_callbacks_message_and_saves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "save_final", lambda *a: pytest.fail("a NaN run must not save a final model"))
+    monkeypatch.setattr(run_module, "save_final", lambda *a, **k: pytest.fail("a NaN run must not save a final model"))
     with pytest.raises(TrainingStoppedError, match="loss became nan at step 2"):
         run_module.finish(stub_run(tmp_path, Outcome.NONFINITE, "loss became nan at step 2; ..."), model=object())
 
@@ -50,7 +50,7 @@ def test_a_fault_wins_over_an_earlier_stop():
 
 
 def test_a_failing_final_save_writes_run_end_failed(tmp_path, monkeypatch):
-    def full_disk(*args):
+    def full_disk(*args, **kwargs):
         raise OSError("No space left on device")
 
     config = SimpleNamespace(training=SimpleNamespace(use_cpu=True, seed=0), data=SimpleNamespace(preview=0),

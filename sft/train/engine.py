@@ -1,0 +1,128 @@
+"""Which distributed engine a run really got, and FSDP2 on CPU (gloo) where accelerate would drop it.
+
+accelerate 1.15 decides the engine in AcceleratorState: an FSDP plugin is kept only when the process
+state is MULTI_GPU (or another accelerator family). On a machine without CUDA hf_sft.py runs on CPU,
+the state is MULTI_CPU, and the plugin is dropped without a word: the model is wrapped in DDP and an
+FSDP config "works" without sharding anything. torch's `fully_shard` itself runs on CPU with gloo,
+so `apply_requested_engine` finishes what `accelerate launch` asked for (ACCELERATE_USE_FSDP and the
+FSDP_* variables it exports): it switches the state to FSDP with the plugin built from those
+variables, as AcceleratorState would on GPUs, before the Trainer prepares the model. Any other case
+where the engine asked for is not the engine running gets a loud warning naming cause and fix.
+
+`EngineReport` writes `engine-rank{r}.json` at train begin and end (wrapper type, DTensor parameter
+count, local/global parameter sizes, peak RSS): the tests read it, so an FSDP test cannot silently
+pass under DDP.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+
+def requested_engine(environ=os.environ) -> str | None:
+    """The engine `accelerate launch` was configured for: "fsdp", "deepspeed", or None (DDP / one process)."""
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    return None
+
+
+def fallback_problem(requested: str | None, distributed_type: str, num_processes: int) -> str | None:
+    """A loud message when the engine asked for is not the one running (None when they agree)."""
+    if requested is None:
+        return None
+    running = distributed_type.split(".")[-1]
+    if requested == "fsdp" and running == "FSDP" or requested == "deepspeed" and running == "DEEPSPEED":
+        return None
+    if num_processes <= 1:
+        cause = "only one process is running, and accelerate enables sharding only with several"
+        fix = "launch several: accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N"
+    elif requested == "deepspeed":
+        cause = "accelerate runs DeepSpeed only on GPUs (on CPU it keeps MULTI_CPU: plain DDP)"
+        fix = "run on GPUs, or use FSDP2 on CPU: accelerate launch --config_file configs/accelerate/fsdp_cpu_2proc.yaml"
+    else:
+        cause = f"accelerate kept distributed_type {running} and dropped the FSDP plugin"
+        fix = "launch with configs/accelerate/fsdp.yaml (GPUs) or configs/accelerate/fsdp_cpu_2proc.yaml (CPU)"
+    return (f"!!! {requested.upper()} was requested (accelerate launch config) but the engine is {running}: the "
+            f"model is NOT sharded. Cause: {cause}. Fix: {fix}.")
+
+
+def apply_requested_engine(trainer) -> str:
+    """Call right after building the Trainer, on every process; returns the engine name that will run."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    requested = requested_engine()
+    if requested == "fsdp" and state.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch exported
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        # What AcceleratorState.__init__ does for MULTI_GPU + an FSDP plugin, done for MULTI_CPU.
+        AcceleratorState._shared_state.update(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin)
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        trainer.is_fsdp_enabled = True
+        if plugin.activation_checkpointing and trainer.args.activation_checkpointing:
+            raise ValueError("FSDP's activation checkpointing (fsdp_activation_checkpointing) and "
+                             "--activation_checkpointing are both on: turn one off (--activation_checkpointing false)")
+        if trainer.args.process_index == 0:
+            logger.warning("FSDP%s on CPU (gloo): accelerate keeps MULTI_CPU and would run DDP; the state is switched "
+                           "to FSDP with the launch config's plugin", plugin.fsdp_version)
+    problem = fallback_problem(requested, str(state.distributed_type), state.num_processes)
+    if problem:
+        logger.warning(problem)
+        if trainer.args.process_index == 0:
+            print(problem, flush=True)
+    return str(state.distributed_type).split(".")[-1]
+
+
+def engine_facts(model) -> dict:
+    """What wraps the model and how its parameters are held, on this process."""
+    from accelerate.state import AcceleratorState
+    from torch.distributed.tensor import DTensor
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch
+        FSDPModule = ()
+    params = list(model.parameters()) if model is not None else []
+    dtensors = [p for p in params if isinstance(p, DTensor)]
+    state = AcceleratorState()
+    plugin = getattr(state, "fsdp_plugin", None)
+    return {
+        "distributed_type": str(state.distributed_type).split(".")[-1],
+        "fsdp_version": getattr(plugin, "fsdp_version", None),
+        "wrapper": type(model).__name__,
+        "fsdp_module": isinstance(model, FSDPModule) if FSDPModule else False,
+        "parameters": len(params),
+        "dtensor_parameters": len(dtensors),
+        "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+        "global_numel": sum(p.numel() for p in params),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+class EngineReport(TrainerCallback):
+    """Writes output_dir/engine-rank{r}.json at train begin and end; rank 0 logs it once."""
+
+    def _write(self, args, model, moment: str) -> None:
+        facts = {"moment": moment, **engine_facts(model)}
+        path = Path(args.output_dir) / f"engine-rank{args.process_index}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(facts, indent=2) + "\n")
+        if args.process_index == 0:
+            logger.info("Engine at train %s: %s", moment, facts)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._write(args, model, "begin")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._write(args, model, "end")

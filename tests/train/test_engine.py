@@ -1,0 +1,105 @@
+"""sft.train.engine (the fallback warning) and the loss's collective count under a real FSDP2 sharding."""
+import json
+import os
+
+import torch
+
+from sft.train.engine import fallback_problem, requested_engine
+
+
+def test_requested_engine_reads_what_accelerate_launch_exports():
+    assert requested_engine({"ACCELERATE_USE_FSDP": "true"}) == "fsdp"
+    assert requested_engine({"ACCELERATE_USE_DEEPSPEED": "True"}) == "deepspeed"
+    assert requested_engine({}) is None
+
+
+def test_fsdp_asked_but_ddp_running_is_a_loud_message_with_cause_and_fix():
+    message = fallback_problem("fsdp", "DistributedType.MULTI_CPU", 2)
+    assert message.startswith("!!! FSDP was requested") and "the engine is MULTI_CPU: the model is NOT sharded" in message
+    assert "Cause: accelerate kept distributed_type MULTI_CPU and dropped the FSDP plugin" in message
+    assert "Fix: launch with configs/accelerate/fsdp.yaml" in message
+    assert "only one process" in fallback_problem("fsdp", "DistributedType.NO", 1)
+    assert "DeepSpeed only on GPUs" in fallback_problem("deepspeed", "DistributedType.MULTI_CPU", 2)
+    assert fallback_problem("fsdp", "DistributedType.FSDP", 2) is None
+    assert fallback_problem(None, "DistributedType.MULTI_CPU", 2) is None
+
+
+COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "all_gather", "all_reduce", "broadcast", "reduce_scatter")
+
+
+def _count_collectives(counts: dict) -> None:
+    import torch.distributed as dist
+
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank: a tiny tied Qwen2 sharded as accelerate's fsdp2_prepare_model does, two train steps."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sft.train.loss import attach_chunked_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config)
+    loss_hooks = attach_chunked_loss(model, chunk_size=2)  # before sharding, as sft.train.run does
+    for layer in model.model.layers:
+        fully_shard(layer)
+    # accelerate's tail unit: final norm + (tied) embedding + head, kept gathered after forward.
+    fully_shard([model.model.norm, model.model.embed_tokens, model.lm_head], reshard_after_forward=False)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    counts: dict = {}
+    _count_collectives(counts)
+    ids = torch.arange(24).reshape(1, 24) + 10 * rank
+    labels = ids.clone()
+    if rank == 0:
+        labels[:, :1] = -100  # 23 supervised predictions: 12 chunks of 2
+    else:
+        labels[:, :20] = -100
+        labels[:, 21:] = -100  # 1 supervised prediction: 1 chunk
+    losses = []
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(23)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"counts": counts, "chunks": loss_hooks.chunks_run, "losses": losses,
+                   "dtensors": sum(type(p).__name__ == "DTensor" for p in model.parameters())}, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_with_very_different_supervised_counts_issue_the_same_collectives(tmp_path):
+    """The chunk count follows each rank's supervised tokens; the collectives must not (or ranks hang)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["chunks"] == [12, 12] and ranks[1]["chunks"] == [1, 1]
+    assert ranks[0]["dtensors"] == ranks[1]["dtensors"] > 0  # really sharded
+    assert ranks[0]["counts"].get("all_gather_single", 0) + ranks[0]["counts"].get("all_gather_into_tensor", 0) > 0
+    assert ranks[0]["counts"] == ranks[1]["counts"], ranks
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
