@@ -208,13 +208,25 @@ HF_VARIANTS = {
     "hf_full": ["--finetuning_type", "full"],
     "hf_packing": ["--finetuning_type", "full", "--packing", "true"],
     "hf_lora": ["--finetuning_type", "lora", "--learning_rate", "2e-4"],
+    "hf_fsdp": ["--finetuning_type", "full"],
+    "hf_zero3": ["--finetuning_type", "full"],
+}
+# Cases launched through accelerate with an engine config (one process on the one GPU): the sharded
+# engines' loss, save and checkpoint paths on CUDA, which the CPU tests cannot reach for ZeRO-3.
+HF_LAUNCH_CONFIGS = {
+    "hf_fsdp": "configs/accelerate/fsdp.yaml",
+    "hf_zero3": "configs/accelerate/deepspeed_zero3.yaml",
 }
 
 
 def hf_sft_command(ctx: dict, name: str, output_dir: Path) -> list[str]:
     sizes, setup = ctx["sizes"], ctx["results"]["setup"]
     steps = str(sizes["max_steps"])
-    return [sys.executable, "hf_sft.py", "--model", setup["model_dir"], "--tokenizer", "qwen2.5",
+    launcher = [sys.executable, "hf_sft.py"]
+    if name in HF_LAUNCH_CONFIGS:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", HF_LAUNCH_CONFIGS[name],
+                    "--num_processes", "1", "--mixed_precision", "no" if ctx["dry_run"] else "bf16", "hf_sft.py"]
+    return [*launcher, "--model", setup["model_dir"], "--tokenizer", "qwen2.5",
             "--data", setup["data"], "--max_length", str(sizes["max_length"]),
             "--per_device_train_batch_size", str(sizes["batch_size"]), "--gradient_accumulation_steps", "1",
             "--max_steps", steps, "--logging_steps", "1", "--save_steps", steps, "--output_dir", str(output_dir),
@@ -262,6 +274,11 @@ def summarize_train_log(path: Path, warmup_steps: int) -> dict:
 
 def case_hf_sft(ctx: dict, name: str) -> dict:
     """Run hf_sft.py as a user would; read its train_log.jsonl and checkpoint."""
+    if name == "hf_zero3":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            return {"status": "skipped", "note": "deepspeed not installed (carry its wheel: bench/gpu_wheels.txt)"}
     sizes = ctx["sizes"]
     output_dir = Path(ctx["workdir"]) / "runs" / name
     command = hf_sft_command(ctx, name, output_dir)
@@ -287,6 +304,11 @@ def case_hf_sft(ctx: dict, name: str) -> dict:
     checkpoint = output_dir / f"checkpoint-{sizes['max_steps']}"
     result["checkpoint"] = str(checkpoint)
     result["checkpoint_complete"] = (checkpoint / "COMPLETE").is_file()
+    engine = output_dir / "engine-rank0.json"  # what the run really got (sft.train.engine.EngineReport)
+    if engine.is_file():
+        report = json.loads(engine.read_text(encoding="utf-8"))
+        report = report.get("end", report) if isinstance(report, dict) else report
+        result["engine"] = report
     params = ctx["results"]["setup"]["params"]
     flops_per_token = (4 if name == "hf_lora" else 6) * params
     result["mfu"] = _mfu(ctx, flops_per_token, result["tokens_per_s"])
@@ -296,6 +318,8 @@ def case_hf_sft(ctx: dict, name: str) -> dict:
     result["note"] = ("FAILED: " + ", ".join(failed)) if failed else (
         f"{result['timed_steps']} timed steps, start->step1 {result.get('start_to_first_step_s')} s, "
         f"save+exit {result.get('last_step_to_exit_s')} s")
+    if name in HF_LAUNCH_CONFIGS and isinstance(result.get("engine"), dict):
+        result["note"] += f"; engine {result['engine'].get('distributed_type')}"
     return result
 
 
@@ -410,6 +434,8 @@ CASES = {
     "hf_full": lambda ctx: case_hf_sft(ctx, "hf_full"),
     "hf_packing": lambda ctx: case_hf_sft(ctx, "hf_packing"),
     "hf_lora": lambda ctx: case_hf_sft(ctx, "hf_lora"),
+    "hf_fsdp": lambda ctx: case_hf_sft(ctx, "hf_fsdp"),
+    "hf_zero3": lambda ctx: case_hf_sft(ctx, "hf_zero3"),
     "reload": case_reload,
     "trl": case_trl,
 }

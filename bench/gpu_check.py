@@ -14,6 +14,8 @@ Cases, in order (bench/gpu_cases.py):
     hf_full     hf_sft.py --finetuning_type full, batch 8, max_length 2048, 30 steps, bf16
     hf_packing  the same with --packing (sdpa)
     hf_lora     hf_sft.py --finetuning_type lora
+    hf_fsdp     the same full fine-tune under accelerate launch --config_file configs/accelerate/fsdp.yaml (1 process)
+    hf_zero3    the same under configs/accelerate/deepspeed_zero3.yaml (1 process; skipped without deepspeed)
     reload      hf_full's and hf_lora's checkpoints loaded on the CPU by the evaluator's loader; forward + generate
     trl         TRL SFTTrainer defaults on the same model/data/batch (only when trl and datasets import)
 
@@ -61,6 +63,8 @@ CASES = (
     Case("hf_full", 150, needs=("setup",)),
     Case("hf_packing", 150, needs=("setup",)),
     Case("hf_lora", 120, needs=("setup",)),
+    Case("hf_fsdp", 150, needs=("setup",)),
+    Case("hf_zero3", 150, needs=("setup",)),
     Case("reload", 120, needs=("setup",), needs_cuda=False),
     Case("trl", 150, needs=("setup",)),
 )
