@@ -74,7 +74,7 @@ def test_a_malformed_run_config_is_one_clear_error_naming_the_file(tmp_path, cap
 @pytest.mark.parametrize("argv, message", [
     (["--run", "x", "--max_new_token", "5"], "unknown argument '--max_new_token' (did you mean --max_new_tokens"),
     (["--run", "x", "--template", "jinja"], "--template 'jinja': expected one of auto"),
-    (["--run", "x", "--merge_output", "m"], "--merge_output only apply with --merge"),
+    (["--run", "x", "--merge_output", "m"], "--merge_from/--merge_output/--overwrite only apply with --merge"),
     (["--run", "x", "--max_new_tokens", "0", "--do_sample", "--temperature", "0"], "--max_new_tokens 0"),
     (["chat", "--model", "m", "--template", "jinja"], "--template 'jinja'"),
     (["batch", "--model", "m", "--input", "a.jsonl", "--output", "a.jsonl"], "is the --input file"),
