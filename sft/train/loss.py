@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sft.tokens.encoding import IGNORE_INDEX
+from sft.train.linear_cross_entropy import linear_cross_entropy_sum
 
 logger = logging.getLogger(__name__)
 
@@ -186,22 +187,48 @@ def _head_forward(state: ChunkedLoss, original_forward, hidden: torch.Tensor, *a
     # A zero loss is still attached to the graph through the layers and the head (via `last`), so an
     # empty micro-batch gives zero gradients and DDP/FSDP still see every parameter used.
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-    recompute = torch.is_grad_enabled() and picked_hidden.requires_grad
-    chunks = 0
-    for start in range(0, picked_targets.numel(), state.chunk_size):
-        chunk = (picked_hidden[start : start + state.chunk_size], picked_targets[start : start + state.chunk_size])
-        chunks += 1
-        if recompute:
-            # Recomputing the chunk in backward means its vocab-sized logits are never kept alive.
-            total = total + checkpoint(chunk_loss_sum, *chunk, use_reentrant=False)
-        else:
-            total = total + chunk_loss_sum(*chunk)
+    count = picked_targets.numel()
+    chunks = -(-count // state.chunk_size)
+    linear = _plain_linear(state.head) if not args and not kwargs else None
+    if count and linear is not None:
+        # Loss and gradients in this forward, while the engine holds the head's weight (no recompute).
+        device_type = hidden.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else linear.weight.dtype)
+        total = linear_cross_entropy_sum(picked_hidden, linear.weight, linear.bias, picked_targets,
+                                         state.chunk_size, compute_dtype, state.softcap)
+    else:
+        # A PEFT-wrapped head (LoRA on lm_head, modules_to_save) has no single weight to fuse: each chunk's
+        # logits come from the wrapper's forward and are recomputed in backward. Correct for DDP and
+        # FSDP2 (the head unit stays gathered for backward), NOT under ZeRO-3, which partitions the head's
+        # weight after the forward: train such a head under ZeRO-3 with its own HF loss.
+        recompute = torch.is_grad_enabled() and picked_hidden.requires_grad
+        if recompute and any(hasattr(p, "ds_id") for p in state.head.parameters()):
+            raise ValueError(
+                f"chunked loss: the output head is a {type(state.head).__name__} (not a plain Linear) under DeepSpeed "
+                "ZeRO-3, whose weights are partitioned again before the backward would recompute its logits; "
+                "do not wrap lm_head (LoRA target / modules_to_save) with ZeRO-3, or use ZeRO-2 or FSDP2")
+        for start in range(0, count, state.chunk_size):
+            chunk = (picked_hidden[start : start + state.chunk_size], picked_targets[start : start + state.chunk_size])
+            if recompute:
+                # Recomputing the chunk in backward means its vocab-sized logits are never kept alive.
+                total = total + checkpoint(chunk_loss_sum, *chunk, use_reentrant=False)
+            else:
+                total = total + chunk_loss_sum(*chunk)
     state.chunks_run.append(chunks)
     del state.chunks_run[:-64]
     with torch.no_grad():
         ours = chunk_logits(hidden[:, -1].detach())
-    pending.update(loss_sum=total, carrier=last, count=int(picked_targets.numel()), last_logits=ours)
+    pending.update(loss_sum=total, carrier=last, count=int(count), last_logits=ours)
     return last
+
+
+def _plain_linear(head: torch.nn.Module) -> torch.nn.Linear | None:
+    """The head if it computes exactly `F.linear(x, weight, bias)` (an engine's subclass such as FSDP2's
+    FSDPLinear included), else None (PEFT wrappers, quantized linears): those take the recompute path."""
+    if isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward:
+        return head
+    return None
 
 
 def _virtual_token_count(model: torch.nn.Module) -> int:
