@@ -19,7 +19,9 @@ def test_fsdp_asked_but_ddp_running_is_a_loud_message_with_cause_and_fix():
     assert "Cause: accelerate kept distributed_type MULTI_CPU and dropped the FSDP plugin" in message
     assert "Fix: launch with configs/accelerate/fsdp.yaml" in message
     assert "only one process" in fallback_problem("fsdp", "DistributedType.NO", 1)
-    assert "DeepSpeed only on GPUs" in fallback_problem("deepspeed", "DistributedType.MULTI_CPU", 2)
+    deepspeed = fallback_problem("deepspeed", "DistributedType.MULTI_CPU", 1)
+    assert "Cause: accelerate's state was created in CPU mode" in deepspeed and "Fix: launch without --cpu" in deepspeed
+    assert fallback_problem("deepspeed", "DistributedType.DEEPSPEED", 1) is None  # runs on CPU, even one process
     assert fallback_problem("fsdp", "DistributedType.FSDP", 2) is None
     assert fallback_problem(None, "DistributedType.MULTI_CPU", 2) is None
 
