@@ -153,6 +153,25 @@ def test_prompt_tuning_model_matches_plain_loss(tiny_qwen2):
     assert_grads_close(our_grads, plain_grads)
 
 
+def test_untied_head_with_bias_matches_plain_loss_and_gradients():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(2)
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(512) * 0.1)  # the fused path's bias gradient too
+    batch = pad_batch(features())
+    batch["input_ids"] = batch["input_ids"] % 512
+    batch["labels"] = torch.where(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX, batch["labels"] % 512)
+    plain, plain_grads, ours, our_grads = plain_and_chunked(model, batch, chunk_size=4)
+    assert abs(ours.item() - plain.item()) < 1e-5
+    assert {"lm_head.weight", "lm_head.bias", "model.embed_tokens.weight"} <= set(our_grads)
+    assert_grads_close(our_grads, plain_grads)
+
+
 def test_untied_head_with_bf16_autocast():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
