@@ -21,8 +21,8 @@ STAGES = [
     "sft.tokens", "sft.tokens.template", "sft.tokens.encoding", "sft.tokens.preview", "sft.tokens.collate",
     "sft.tokens.plan", "sft.tokens.stream", "sft.tokens.evalset",
     # micro-batches -> Trainer -> checkpoints
-    "sft.train", "sft.train.checkpoints", "sft.train.plots", "sft.train.loss", "sft.train.collator",
-    "sft.train.export", "sft.train.methods", "sft.train.engine",
+    "sft.train", "sft.train.checkpoints", "sft.train.plots", "sft.train.linear_cross_entropy", "sft.train.loss",
+    "sft.train.collator", "sft.train.export", "sft.train.methods", "sft.train.engine",
     "sft.train.callbacks", "sft.train.banner", "sft.train.hybrid", "sft.train.run",
     # checkpoints -> scores, answers, reports
     "sft.evaluate", "sft.evaluate.options", "sft.evaluate.inference", "sft.evaluate.metrics",

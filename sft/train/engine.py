@@ -8,10 +8,13 @@ so `apply_requested_engine` finishes what `accelerate launch` asked for (ACCELER
 FSDP_* variables it exports): it switches the state to FSDP with the plugin built from those
 variables, as AcceleratorState would on GPUs, before the Trainer prepares the model. Any other case
 where the engine asked for is not the engine running gets a loud warning naming cause and fix.
+DeepSpeed needs no such help: accelerate keeps DEEPSPEED on CPU (DeepSpeed's CPU accelerator, gloo)
+unless accelerate itself is put in CPU mode (`accelerate launch --cpu` then exports no
+ACCELERATE_USE_DEEPSPEED at all, so that case is invisible here: do not pass --cpu).
 
 `EngineReport` writes `engine-rank{r}.json` at train begin and end (wrapper type, DTensor parameter
-count, local/global parameter sizes, peak RSS): the tests read it, so an FSDP test cannot silently
-pass under DDP.
+count, ZeRO stage and ZeRO parameter count, local/global parameter sizes, peak RSS): the tests read
+it, so an FSDP or ZeRO-3 test cannot silently pass under DDP.
 """
 from __future__ import annotations
 
@@ -42,12 +45,17 @@ def fallback_problem(requested: str | None, distributed_type: str, num_processes
     running = distributed_type.split(".")[-1]
     if requested == "fsdp" and running == "FSDP" or requested == "deepspeed" and running == "DEEPSPEED":
         return None
-    if num_processes <= 1:
+    if requested == "deepspeed":
+        # Observed with accelerate 1.15 + DeepSpeed 0.19.8: without CUDA, DeepSpeed picks its CPU
+        # accelerator (gloo) and accelerate keeps DEEPSPEED, with one process or several. Only accelerate's
+        # CPU mode turns it off.
+        cause = ("accelerate's state was created in CPU mode (--cpu, use_cpu: true or ACCELERATE_USE_CPU), which "
+                 "turns DeepSpeed off; DeepSpeed itself runs on CPU (its cpu accelerator, gloo)")
+        fix = ("launch without --cpu / use_cpu: accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml "
+               "--mixed_precision no hf_sft.py ... (on CPU)")
+    elif num_processes <= 1:
         cause = "only one process is running, and accelerate enables sharding only with several"
         fix = "launch several: accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N"
-    elif requested == "deepspeed":
-        cause = "accelerate runs DeepSpeed only on GPUs (on CPU it keeps MULTI_CPU: plain DDP)"
-        fix = "run on GPUs, or use FSDP2 on CPU: accelerate launch --config_file configs/accelerate/fsdp_cpu_2proc.yaml"
     else:
         cause = f"accelerate kept distributed_type {running} and dropped the FSDP plugin"
         fix = "launch with configs/accelerate/fsdp.yaml (GPUs) or configs/accelerate/fsdp_cpu_2proc.yaml (CPU)"
@@ -95,17 +103,29 @@ def engine_facts(model) -> dict:
         FSDPModule = ()
     params = list(model.parameters()) if model is not None else []
     dtensors = [p for p in params if isinstance(p, DTensor)]
+    zero = [p for p in params if hasattr(p, "ds_id")]  # DeepSpeed ZeRO-3 parameters (partitioned)
     state = AcceleratorState()
     plugin = getattr(state, "fsdp_plugin", None)
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+
+    def local(p) -> int:
+        if isinstance(p, DTensor):
+            return p.to_local().numel()
+        return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+
     return {
         "distributed_type": str(state.distributed_type).split(".")[-1],
         "fsdp_version": getattr(plugin, "fsdp_version", None),
+        "zero_stage": getattr(deepspeed, "zero_stage", None),
         "wrapper": type(model).__name__,
         "fsdp_module": isinstance(model, FSDPModule) if FSDPModule else False,
         "parameters": len(params),
         "dtensor_parameters": len(dtensors),
-        "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
-        "global_numel": sum(p.numel() for p in params),
+        "zero_parameters": len(zero),
+        # Small ZeRO-3 parameters (below stage3_param_persistence_threshold) stay gathered between steps.
+        "zero_gathered_parameters": sum(getattr(p.ds_status, "name", "") == "AVAILABLE" for p in zero),
+        "local_numel": sum(local(p) for p in params),
+        "global_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 

@@ -3,22 +3,37 @@
 The plain HF path computes `lm_head` for every position (batch x seq x vocab; 2.5 GB in fp32 for
 one 4096-token row of Qwen's 151,936-token vocabulary), upcasts it, and keeps the softmax for
 backward. Here the output head projects only the positions whose (shifted) label is supervised, in
-chunks, recomputing each chunk's logits during backward instead of storing them.
+chunks, and each chunk's logits are turned at once into its loss AND its gradients
+(sft.train.linear_cross_entropy: logits, softmax - onehot, dh = g @ W, dW += g.T @ h; three
+vocab-sized matmuls per chunk, against four for checkpoint-and-recompute). The backward only scales
+the saved dh / dW by the incoming scalar: it never reads the head's weight and recomputes nothing.
+
+Memory beyond the model: about 2 x chunk_size x vocab x 4 bytes for one chunk's logits and gradient
+(plus the chunk in the autocast dtype), and, when the head is trained, dW in fp32 while chunks run,
+then in the weight's dtype until the backward (the size of the head's gradient, allocated earlier than
+autograd would). A frozen head (LoRA, prompt tuning) has no dW. Matmuls run in the autocast dtype
+(or the weight's), log-softmax in fp32.
 
 Where it runs (why it is in the forward): a sharding engine gathers a module's weights only while
 that module runs. FSDP2 (accelerate) puts the final norm and `lm_head` (and the tied embedding) in one
-unit; DeepSpeed ZeRO-3 gathers each module's weights in its forward hooks. A loss that calls `lm_head`
-after the forward either re-enters those hooks once per chunk (FSDP2: a second post-backward hook
-that frees the norm's weights before the norm's own backward; ZeRO-3: one gather per chunk, and the
-chunk count follows each rank's supervised tokens, so ranks issue different numbers of collectives
-and hang). So `attach_chunked_loss` replaces the head's `forward` (the module stays, with its
-parameter names and the engine's hooks): in a forward that carries labels, the ONE head call the
-model makes anyway computes every chunk while the engine has the head gathered. Collectives per
+unit; DeepSpeed ZeRO-3 gathers each module's weights in its forward hooks and partitions them again
+after. A loss that calls `lm_head` after the forward either re-enters those hooks once per chunk
+(FSDP2: a second post-backward hook that frees the norm's weights before the norm's own backward;
+ZeRO-3: one gather per chunk, and the chunk count follows each rank's supervised tokens, so ranks
+issue different numbers of collectives and hang); a loss that recomputes chunk logits in backward
+reads the ZeRO-3 head weight after it was partitioned (an empty tensor: "size mismatch ... vec (0)").
+So `attach_chunked_loss` replaces the head's `forward` (the module stays, with its parameter names
+and the engine's hooks): in a forward that carries labels, the ONE head call the model makes anyway
+computes every chunk's loss and gradients while the engine has the head gathered. Collectives per
 micro-batch are therefore the same on every rank by construction (one head call, whatever the
-number of supervised tokens); the chunk recomputation in backward calls the head's original forward
-(no module hooks, no collectives) on the weights the engine keeps gathered for the head's backward.
-The loss leaves the head through its output (`logits + 0 * ...` carries it), so an engine's
-pre-backward hook on the head's output (FSDP2, ZeRO-3) fires before the chunks' backward.
+number of supervised tokens), and nothing touches the head after its forward. The loss leaves the
+head through its output (`logits + 0 * ...` carries it), so an engine's pre-backward hook on the
+head's output (FSDP2, ZeRO-3) fires for the head's own one-position `logits` output.
+
+A head that is not a plain Linear (PEFT's LoRA on lm_head, `modules_to_save`, a quantized linear) has
+no single weight to fuse: its chunks go through the wrapper's forward under activation checkpointing
+and are recomputed in backward (four matmuls per chunk). That is correct under DDP and FSDP2 (the
+head unit stays gathered for backward) but not under ZeRO-3, which is refused with a clear error.
 
 Normalization: the sum of token losses is divided by `num_items_in_batch`, which the HF Trainer (v5)
 passes to the model (it accepts loss kwargs) as the number of supervised *shifted* labels
@@ -45,6 +60,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sft.tokens.encoding import IGNORE_INDEX
+from sft.train.linear_cross_entropy import linear_cross_entropy_sum
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +102,7 @@ def attach_chunked_loss(model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK_
     model: the top-level model the Trainer calls (plain, PEFT-wrapped, tied or untied embeddings);
         attach before an engine wraps it. Without labels the model behaves as before (generation).
     chunk_size: supervised positions projected to the vocabulary at once; peak extra memory is about
-        3 x chunk_size x vocab x 4 bytes.
+        2 x chunk_size x vocab x 4 bytes, plus the head's gradient (fp32) when the head is trained.
     Returns the handle (also a context manager) whose `remove()` undoes it.
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -186,22 +202,48 @@ def _head_forward(state: ChunkedLoss, original_forward, hidden: torch.Tensor, *a
     # A zero loss is still attached to the graph through the layers and the head (via `last`), so an
     # empty micro-batch gives zero gradients and DDP/FSDP still see every parameter used.
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-    recompute = torch.is_grad_enabled() and picked_hidden.requires_grad
-    chunks = 0
-    for start in range(0, picked_targets.numel(), state.chunk_size):
-        chunk = (picked_hidden[start : start + state.chunk_size], picked_targets[start : start + state.chunk_size])
-        chunks += 1
-        if recompute:
-            # Recomputing the chunk in backward means its vocab-sized logits are never kept alive.
-            total = total + checkpoint(chunk_loss_sum, *chunk, use_reentrant=False)
-        else:
-            total = total + chunk_loss_sum(*chunk)
+    count = picked_targets.numel()
+    chunks = -(-count // state.chunk_size)
+    linear = _plain_linear(state.head) if not args and not kwargs else None
+    if count and linear is not None:
+        # Loss and gradients in this forward, while the engine holds the head's weight (no recompute).
+        device_type = hidden.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else linear.weight.dtype)
+        total = linear_cross_entropy_sum(picked_hidden, linear.weight, linear.bias, picked_targets,
+                                         state.chunk_size, compute_dtype, state.softcap)
+    else:
+        # A PEFT-wrapped head (LoRA on lm_head, modules_to_save) has no single weight to fuse: each chunk's
+        # logits come from the wrapper's forward and are recomputed in backward. Correct for DDP and
+        # FSDP2 (the head unit stays gathered for backward), NOT under ZeRO-3, which partitions the head's
+        # weight after the forward: refused there.
+        recompute = torch.is_grad_enabled() and picked_hidden.requires_grad
+        if recompute and any(hasattr(p, "ds_id") for p in state.head.parameters()):
+            raise ValueError(
+                f"chunked loss: the output head is a {type(state.head).__name__} (not a plain Linear) under DeepSpeed "
+                "ZeRO-3, whose weights are partitioned again before the backward would recompute its logits; "
+                "do not wrap lm_head (LoRA target / modules_to_save) with ZeRO-3, or use ZeRO-2 or FSDP2")
+        for start in range(0, count, state.chunk_size):
+            chunk = (picked_hidden[start : start + state.chunk_size], picked_targets[start : start + state.chunk_size])
+            if recompute:
+                # Recomputing the chunk in backward means its vocab-sized logits are never kept alive.
+                total = total + checkpoint(chunk_loss_sum, *chunk, use_reentrant=False)
+            else:
+                total = total + chunk_loss_sum(*chunk)
     state.chunks_run.append(chunks)
     del state.chunks_run[:-64]
     with torch.no_grad():
         ours = chunk_logits(hidden[:, -1].detach())
-    pending.update(loss_sum=total, carrier=last, count=int(picked_targets.numel()), last_logits=ours)
+    pending.update(loss_sum=total, carrier=last, count=int(count), last_logits=ours)
     return last
+
+
+def _plain_linear(head: torch.nn.Module) -> torch.nn.Linear | None:
+    """The head if it computes exactly `F.linear(x, weight, bias)` (an engine's subclass such as FSDP2's
+    FSDPLinear included), else None (PEFT wrappers, quantized linears): those take the recompute path."""
+    if isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward:
+        return head
+    return None
 
 
 def _virtual_token_count(model: torch.nn.Module) -> int:

@@ -1,7 +1,9 @@
-"""sft.train.engine (the fallback warning) and the loss's collective count under a real FSDP2 sharding."""
+"""sft.train.engine (the fallback warning) and the loss's collective count under real FSDP2 and ZeRO-3 sharding."""
+import importlib.util
 import json
 import os
 
+import pytest
 import torch
 
 from sft.train.engine import fallback_problem, requested_engine
@@ -19,7 +21,9 @@ def test_fsdp_asked_but_ddp_running_is_a_loud_message_with_cause_and_fix():
     assert "Cause: accelerate kept distributed_type MULTI_CPU and dropped the FSDP plugin" in message
     assert "Fix: launch with configs/accelerate/fsdp.yaml" in message
     assert "only one process" in fallback_problem("fsdp", "DistributedType.NO", 1)
-    assert "DeepSpeed only on GPUs" in fallback_problem("deepspeed", "DistributedType.MULTI_CPU", 2)
+    deepspeed = fallback_problem("deepspeed", "DistributedType.MULTI_CPU", 1)
+    assert "Cause: accelerate's state was created in CPU mode" in deepspeed and "Fix: launch without --cpu" in deepspeed
+    assert fallback_problem("deepspeed", "DistributedType.DEEPSPEED", 1) is None  # runs on CPU, even one process
     assert fallback_problem("fsdp", "DistributedType.FSDP", 2) is None
     assert fallback_problem(None, "DistributedType.MULTI_CPU", 2) is None
 
@@ -101,5 +105,71 @@ def test_ranks_with_very_different_supervised_counts_issue_the_same_collectives(
     assert ranks[0]["chunks"] == [12, 12] and ranks[1]["chunks"] == [1, 1]
     assert ranks[0]["dtensors"] == ranks[1]["dtensors"] > 0  # really sharded
     assert ranks[0]["counts"].get("all_gather_single", 0) + ranks[0]["counts"].get("all_gather_into_tensor", 0) > 0
+    assert ranks[0]["counts"] == ranks[1]["counts"], ranks
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
+
+
+def _zero3_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank: a tiny tied Qwen2 under DeepSpeed ZeRO-3 (every parameter partitioned), two train steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    counts: dict = {}
+    _count_collectives(counts)  # before DeepSpeed's comm backend captures torch.distributed's functions
+    import deepspeed
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sft.train.loss import attach_chunked_loss
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                 "zero_allow_untested_optimizer": True,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    config = Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):  # built partitioned, as zero3_init_flag does
+        model = Qwen2ForCausalLM(config)
+    loss_hooks = attach_chunked_loss(model, chunk_size=2)  # before the engine wraps it, as sft.train.run does
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                      config=ds_config)
+    partitioned = sum(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
+    before = dict(counts)
+    ids = torch.arange(24).reshape(1, 24) + 10 * rank
+    labels = ids.clone()
+    if rank == 0:
+        labels[:, :1] = -100  # 23 supervised predictions: 12 chunks of 2
+    else:
+        labels[:, :20] = -100
+        labels[:, 21:] = -100  # 1 supervised prediction: 1 chunk
+    losses = []
+    for _ in range(2):
+        loss = engine(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(23)).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    steps = {name: counts.get(name, 0) - before.get(name, 0) for name in counts}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"counts": steps, "chunks": loss_hooks.chunks_run, "losses": losses, "partitioned": partitioned,
+                   "parameters": len(list(model.parameters()))}, f)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not importable (see tests/e2e/test_zero3_runs.py to install it)")
+def test_zero3_ranks_with_very_different_supervised_counts_issue_the_same_collectives(tmp_path):
+    """ZeRO-3 gathers a module's weights in its forward hooks; the loss must not add per-chunk gathers."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_zero3_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["chunks"] == [12, 12] and ranks[1]["chunks"] == [1, 1]
+    assert ranks[0]["partitioned"] == ranks[0]["parameters"] > 0  # every parameter really partitioned
+    assert sum(ranks[0]["counts"].get(name, 0) for name in ("all_gather_into_tensor", "all_gather")) > 0
     assert ranks[0]["counts"] == ranks[1]["counts"], ranks
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)

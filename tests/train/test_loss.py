@@ -153,6 +153,25 @@ def test_prompt_tuning_model_matches_plain_loss(tiny_qwen2):
     assert_grads_close(our_grads, plain_grads)
 
 
+def test_untied_head_with_bias_matches_plain_loss_and_gradients():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(2)
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(512) * 0.1)  # the fused path's bias gradient too
+    batch = pad_batch(features())
+    batch["input_ids"] = batch["input_ids"] % 512
+    batch["labels"] = torch.where(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX, batch["labels"] % 512)
+    plain, plain_grads, ours, our_grads = plain_and_chunked(model, batch, chunk_size=4)
+    assert abs(ours.item() - plain.item()) < 1e-5
+    assert {"lm_head.weight", "lm_head.bias", "model.embed_tokens.weight"} <= set(our_grads)
+    assert_grads_close(our_grads, plain_grads)
+
+
 def test_untied_head_with_bf16_autocast():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -268,3 +287,46 @@ def test_bad_arguments(tiny_qwen2):
     batch = pad_batch(features()[:1])
     with attach_chunked_loss(tiny_qwen2), pytest.raises(ValueError, match=r"labels shape \(1, 5\)"):
         tiny_qwen2(input_ids=batch["input_ids"], labels=batch["labels"][:, :5])
+
+
+def backward_head_matmuls(model, batch) -> tuple[int, int]:
+    """(F.linear calls, vocab-sized matmul rows) during the chunked loss's backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    class VocabMatmuls(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                a, b = args[-2], args[-1]
+                if vocab in (a.shape[1], b.shape[1]):  # (n, V) @ (V, H) or (n, H) @ (H, V)
+                    self.rows += a.shape[0]
+            return func(*args, **(kwargs or {}))
+
+    linear_calls = []
+    original_linear = torch.nn.functional.linear
+    with attach_chunked_loss(model, chunk_size=4):
+        loss = model(**batch).loss
+        torch.nn.functional.linear = lambda *a, **k: linear_calls.append(1) or original_linear(*a, **k)
+        try:
+            with VocabMatmuls() as counter:
+                loss.backward()
+        finally:
+            torch.nn.functional.linear = original_linear
+    return len(linear_calls), counter.rows
+
+
+def test_backward_recomputes_nothing_through_the_head(tiny_qwen2):
+    """Under ZeRO-3 the head's weight is partitioned again after the forward: backward must not use it for chunks."""
+    batch = pad_batch(features())
+    linear_calls, rows = backward_head_matmuls(copy.deepcopy(tiny_qwen2), batch)
+    # Only the one-position `logits` output's (zero) gradient passes the head: batch rows, not 21 positions.
+    assert linear_calls == 0 and rows <= len(batch["input_ids"])
+
+    from peft import LoraConfig, get_peft_model  # a LoRA-wrapped head takes the recompute path (documented)
+
+    lora_head = get_peft_model(copy.deepcopy(tiny_qwen2), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    linear_calls, rows = backward_head_matmuls(lora_head, batch)
+    assert linear_calls > 0 and rows >= 21
