@@ -4,12 +4,12 @@
 One server process for the module (a tiny random untied Qwen2 with the real Qwen2.5 tokenizer, started by the
 CLI exactly as a user would); the last test stops it with SIGTERM. The tool-call test needs a model that emits a
 `<tool_call>` block on cue: a "bigram" model whose layers add nothing, so each token's embedding alone picks the
-next token; it is served in-process (uvicorn in a thread) to avoid a second start-up.
+next token (tests/evaluate/serve_helpers.py); it is served in-process (uvicorn in a thread) to avoid a second
+start-up.
 """
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +28,7 @@ from sft.conversation import Conversation, Message, ToolCall  # noqa: E402
 from sft.evaluate import openai_api as api  # noqa: E402
 from sft.evaluate.inference import GenerationOptions, generate_answers, load_for_inference, prompt_ids  # noqa: E402
 from sft.tokens.encoding import EncodeOptions, encode_conversation  # noqa: E402
+from serve_helpers import free_port, serve_scripted, wait_healthy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key"
@@ -37,25 +38,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": {"type": "object",
                                                           "properties": {"days": {"type": "integer"}}}}}]
 SCRIPT = '<tool_call>{"name":"get_weather","arguments":{"days":3}}</tool_call>'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not come up in {timeout}s")
 
 
 def health(url: str) -> dict:
@@ -319,40 +301,10 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(client, server):
 
 
 @pytest.fixture(scope="module")
-def tool_server(tmp_path_factory, qwen_tokenizer):
+def tool_server(qwen_tokenizer):
     """A model that answers every chat with SCRIPT, served in-process on a free port."""
-    import uvicorn
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from sft.evaluate.options import ServeOptions
-    from sft.evaluate.serve import ServedModel, create_app
-
-    chain = [qwen_tokenizer.encode("\n")[0], *qwen_tokenizer.encode(SCRIPT), qwen_tokenizer.eos_token_id]
-    assert len(set(chain[:-1])) == len(chain) - 1, "a bigram script needs distinct tokens"
-    config = Qwen2Config(vocab_size=len(qwen_tokenizer), hidden_size=len(chain), intermediate_size=8,
-                         num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-                         head_dim=len(chain), max_position_embeddings=256, tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-        for norm in (model.model.norm, model.model.layers[0].input_layernorm,
-                     model.model.layers[0].post_attention_layernorm):
-            norm.weight.fill_(1.0)
-        for slot, (token, following) in enumerate(zip(chain, chain[1:])):
-            model.model.embed_tokens.weight[token, slot] = 1.0
-            model.lm_head.weight[following, slot] = 5.0
-    port = free_port()
-    app = create_app(ServedModel(NAME, model, qwen_tokenizer, template="qwen2.5", max_context=256),
-                     ServeOptions(port=port))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, timeout=30)
-    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    uvicorn_server.should_exit = True
-    thread.join(10)
+    with serve_scripted(qwen_tokenizer, SCRIPT, NAME) as running:
+        yield openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def test_tool_call_comes_back_as_openai_tool_calls(tool_server):
