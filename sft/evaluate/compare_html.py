@@ -164,7 +164,7 @@ def render_html(meta: dict, rows: list[dict], summary: dict) -> str:
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>A/B: {_e(meta['a']['spec'])} vs {_e(meta['b']['spec'])}</title><style>{CSS}</style></head>
 <body><header><h1>A/B comparison</h1><div class="sides">{sides}</div>
-<div class="sides">prompts <code>{_e(meta['prompts'])}</code> · {_e(meta['decoding'])}</div></header>
+<div class="sides"><div>prompts <code>{_e(meta['prompts'])}</code> · {_e(meta['decoding'])}</div></div></header>
 <main><p class="verdict">{_e(meta['verdict'])}</p>{boot_line}{_summary_tables(summary)}
 <div class="filters"><b>Show</b>{buttons}<select id="kind"><option value="all">every kind</option>{kinds}</select>
 <span class="count" id="count"></span></div>

@@ -125,15 +125,20 @@ class GenerationWorker:
         self.stats = WorkerStats()
         self.closing = False
 
-    async def run(self, job: Job, on_text: Callable[[str], None] | None = None) -> Finished:
-        """Queue `job`; on_text(delta) runs on the event loop as text arrives. Cancelling the awaiting task
-        cancels the job (the worker thread is never interrupted mid-token)."""
+    def admit(self) -> None:
+        """Raise the 503 a new request gets while shutting down or with a full queue (checked before a stream's
+        headers go out, and again when the job is queued)."""
         if self.closing:
             raise ApiError(503, "the server is shutting down; retry on another instance", code="shutting_down",
                            kind="server_error")
         if self.stats.waiting >= self.max_queue:
             raise ApiError(503, f"{self.stats.waiting} requests are already waiting for the model (--max_queue); "
                            "retry later", code="queue_full", kind="server_error")
+
+    async def run(self, job: Job, on_text: Callable[[str], None] | None = None) -> Finished:
+        """Queue `job`; on_text(delta) runs on the event loop as text arrives. Cancelling the awaiting task
+        cancels the job (the worker thread is never interrupted mid-token)."""
+        self.admit()
         loop = asyncio.get_running_loop()
         emit = None
         if on_text is not None:

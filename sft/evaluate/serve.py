@@ -97,6 +97,7 @@ def create_app(served: ServedModel, options: ServeOptions) -> FastAPI:
             raise api.ApiError(400, f"messages: {err}", "messages") from err
         job = _job(body, ids, body.max_completion_tokens or body.max_tokens, served, options)
         job.hold_tool_calls = bool(conv.tools)
+        worker.admit()
         if body.stream:
             return _sse(_chat_stream(worker, job, served.name, len(ids), bool(conv.tools), _include_usage(body)))
         done = await _run_watching(worker, job, request)
@@ -112,6 +113,7 @@ def create_app(served: ServedModel, options: ServeOptions) -> FastAPI:
         if not ids:
             raise api.ApiError(400, "prompt: empty; send some text to continue", "prompt")
         job = _job(body, ids, body.max_tokens, served, options)
+        worker.admit()
         if body.stream:
             return _sse(_completion_stream(worker, job, served.name, len(ids), _include_usage(body)))
         done = await _run_watching(worker, job, request)

@@ -162,6 +162,21 @@ def test_bad_messages_name_the_problem(messages, error):
     assert caught.value.status == 400
 
 
+def test_a_full_queue_or_a_closing_server_is_503(qwen_tokenizer):
+    from sft.evaluate.generation_worker import GenerationWorker
+
+    worker = GenerationWorker(None, qwen_tokenizer, max_queue=2)
+    worker.stats.waiting = 2
+    with pytest.raises(api.ApiError, match=r"2 requests are already waiting .*--max_queue") as caught:
+        worker.admit()
+    assert (caught.value.status, caught.value.code) == (503, "queue_full")
+    worker.stats.waiting = 0
+    worker.close()
+    with pytest.raises(api.ApiError, match="shutting down") as caught:
+        worker.admit()
+    assert caught.value.status == 503
+
+
 # ------------------------------------------------------------------------------------- the server
 
 
