@@ -3,7 +3,7 @@
     evaluator:  EvalArguments + GenerationOptions
     chat:       ModelChoice + GenerationOptions
     batch:      ModelChoice + BatchFiles + GenerationOptions
-    serve:      ModelChoice + ServeOptions (+ GenerationOptions: --max_new_tokens is the default max_tokens)
+    serve:      ModelChoice + ServeOptions (decoding comes with each request)
     compare:    CompareArguments + GenerationOptions
 
 Parsed by sft.config.parse_args like training's flags (`--config x.yaml` defaults, unknown flags named,
@@ -147,8 +147,10 @@ class ServeOptions:
         "The model name clients send (default: the --model value)."))
     device: str = field(default="cpu", metadata=_help("cpu or cuda."))
     max_request_bytes: int = field(default=1_000_000, metadata=_help("Largest request body (413 above it)."))
-    max_messages: int = field(default=256, metadata=_help("Most messages in one chat request."))
+    max_messages: int = field(default=512, metadata=_help("Most messages in one chat request."))
     max_tokens_limit: int = field(default=2048, metadata=_help("Largest max_tokens a request may ask for."))
+    default_max_tokens: int = field(default=256, metadata=_help(
+        "max_tokens of a chat request that gives none (cut to what the context leaves)."))
     max_context: int | None = field(default=None, metadata=_help(
         "Prompt + max_tokens limit in tokens (default: the model's max_position_embeddings)."))
     max_queue: int = field(default=64, metadata=_help(
@@ -158,7 +160,7 @@ class ServeOptions:
 
     def problems(self) -> list[str]:
         out = [f"--{name} {getattr(self, name)}: must be at least 1" for name in
-               ("max_request_bytes", "max_messages", "max_tokens_limit", "max_queue")
+               ("max_request_bytes", "max_messages", "max_tokens_limit", "default_max_tokens", "max_queue")
                if getattr(self, name) < 1]
         if not 0 <= self.port <= 65535:
             out.append(f"--port {self.port}: expected 0..65535")

@@ -33,7 +33,7 @@ from sft.config import parse_args
 from sft.evaluate import openai_api as api
 from sft.evaluate.generation_worker import Finished, GenerationWorker, Job
 from sft.evaluate.inference import load_for_inference, prompt_ids
-from sft.evaluate.options import GenerationOptions, ModelChoice, ServeOptions
+from sft.evaluate.options import ModelChoice, ServeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -335,15 +335,15 @@ def serve_main(argv: list[str]) -> int:
     import torch
     import uvicorn
 
-    args, options, generation = parse_args(
-        (ModelChoice, ServeOptions, GenerationOptions), argv, prog="hf_sft_eval.py serve",
+    args, options = parse_args(
+        (ModelChoice, ServeOptions), argv, prog="hf_sft_eval.py serve",
         description="Serve a checkpoint over an OpenAI-compatible HTTP API (FastAPI + uvicorn).")
     options.api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(args.model, base_model=args.base_model, device=options.device)
     served = ServedModel(options.served_name or args.model, model, tokenizer, args.template, args.system_prompt,
-                         generation.max_new_tokens, _context_limit(model, tokenizer, options.max_context))
+                         options.default_max_tokens, _context_limit(model, tokenizer, options.max_context))
     prompt_ids(api.chat_conversation(api.ChatRequest(model="x", messages=[{"role": "user", "content": "hi"}]), 1),
                tokenizer, served.template, served.system_prompt)  # a template that cannot render fails now
     if options.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:

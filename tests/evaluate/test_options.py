@@ -79,6 +79,11 @@ def test_a_malformed_run_config_is_one_clear_error_naming_the_file(tmp_path, cap
     (["chat", "--model", "m", "--template", "jinja"], "--template 'jinja'"),
     (["batch", "--model", "m", "--input", "a.jsonl", "--output", "a.jsonl"], "is the --input file"),
     (["batch", "--model", "m", "--input", "a.jsonl"], "missing required argument --output"),
+    (["serve", "--model", "m", "--port", "70000", "--max_queue", "0"], "--max_queue 0: must be at least 1"),
+    (["serve", "--model", "m", "--port", "70000"], "--port 70000: expected 0..65535"),
+    (["serve", "--model", "m", "--temperature", "0"], "unknown argument '--temperature'"),  # decoding is per request
+    (["compare", "a", "b", "c"], "expected two models A B, got 3"),
+    (["compare", "a", "b", "--judge_modle", "x"], "did you mean --judge_model"),
 ])
 def test_flag_problems_exit_2_before_anything_loads(capsys, argv, message):
     assert hf_sft_eval.main(argv) == 2
@@ -97,6 +102,8 @@ def test_generation_flags_are_declared_once_with_one_default():
     (["--help"], ["--run", "--watch", "--max_new_tokens", "--batch_size", "--merge_output", "--config"]),
     (["chat", "--help"], ["--model", "--template", "--max_new_tokens", "--do_sample", "--top_p"]),
     (["batch", "--help"], ["--model", "--input", "--output", "--max_new_tokens", "--batch_size"]),
+    (["serve", "--help"], ["--model", "--host", "--port", "--api_key", "--default_max_tokens", "--max_queue"]),
+    (["compare", "--help"], ["MODEL", "--prompts", "--judge_url", "--max_new_tokens", "--output_dir"]),
 ])
 def test_help_lists_the_flags_and_each_default_once(capsys, argv, flags):
     with pytest.raises(SystemExit) as exit_:
