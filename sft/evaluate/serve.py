@@ -222,15 +222,14 @@ async def _chat_stream(worker, job: Job, model: str, prompt_tokens: int, tools: 
             yield api.chat_chunk(rid, model, created, {"content": item})
             continue
         finish = item.finish
-        if tools:
-            _, calls = api.parse_tool_calls(item.text)
+        if tools and api.TOOL_CALL_START in item.text:  # the text from the first block on was held back
+            rest, calls = api.parse_tool_calls(item.text[item.text.index(api.TOOL_CALL_START):])
+            if rest:  # text around the blocks, or a block that is not a valid call
+                yield api.chat_chunk(rid, model, created, {"content": rest})
             if calls:
                 finish = "tool_calls"
                 yield api.chat_chunk(rid, model, created, {"tool_calls": [
                     {"index": k, **call} for k, call in enumerate(calls)]})
-            elif api.TOOL_CALL_START in item.text:  # held back, but not a valid call: send it as text
-                yield api.chat_chunk(rid, model, created,
-                                     {"content": item.text[item.text.index(api.TOOL_CALL_START):]})
         yield api.chat_chunk(rid, model, created, {}, finish)
         if include_usage:
             yield {**api.chat_chunk(rid, model, created, {}), "choices": [],

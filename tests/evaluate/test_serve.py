@@ -213,6 +213,10 @@ def test_completions_and_stop_sequences(client):
         cut = client.completions.create(model=NAME, prompt="The weather", max_tokens=NEW, temperature=0, stop=[stop])
         assert cut.choices[0].text == text[:text.index(stop)]
         assert cut.choices[0].finish_reason == "stop"
+        streamed = list(client.completions.create(model=NAME, prompt="The weather", max_tokens=NEW, temperature=0,
+                                                  stop=[stop], stream=True))
+        assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text  # the stop text is never sent
+        assert streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_concurrent_requests_each_equal_the_prompt_alone(client, local):
