@@ -17,8 +17,11 @@ from __future__ import annotations
 import os
 import sys
 
-# The evaluator is a CPU job that runs beside training: never grab a GPU the trainer needs.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The evaluator is a CPU job that runs beside training: never grab a GPU the trainer needs. (`serve --device
+# cuda` gives them back: GPUS_HIDDEN tells it that the empty value is ours, not the user's.)
+if "CUDA_VISIBLE_DEVICES" not in os.environ:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["SFT_EVAL_GPUS_HIDDEN"] = "1"
 
 from sft.cli import run_entry  # noqa: E402
 

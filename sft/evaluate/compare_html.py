@@ -4,7 +4,8 @@
 
 Top: the verdict, win/loss/tie counts per kind with the sign test, metric deltas, the judge's tally. Then one
 card per prompt: the prompt, the reference, A's and B's answers in two columns with the words that differ
-highlighted, each side's check result. Filters: kind, and outcome (B wins / A wins / ties).
+highlighted, each side's check result. Filters: kind, and outcome (B wins / A wins / ties); the page opens
+with the filters of its URL fragment, e.g. compare.html#outcome=A&kind=identity.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import html
 import re
 
 CSS = """
-*{box-sizing:border-box}body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;
+*{box-sizing:border-box}body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,"Noto Sans CJK SC",
+"PingFang SC","Microsoft YaHei","WenQuanYi Micro Hei",sans-serif;margin:0;
 background:#f4f5f7;color:#1d2330}header{background:#1d2330;color:#fff;padding:18px 28px}
 header h1{font-size:20px;margin:0 0 6px}header .sides{display:flex;gap:28px;flex-wrap:wrap;font-size:13px;opacity:.9}
 header code{background:#2e3648;padding:1px 5px;border-radius:4px}
@@ -41,7 +43,8 @@ border-left:5px solid #c5cad3}
 .cols{display:grid;grid-template-columns:1fr 1fr;gap:14px}
 .col{border:1px solid #e6e8ec;border-radius:8px;padding:8px 10px;min-width:0;background:#fbfbfc}
 .col h3{margin:0 0 6px;font-size:13px;display:flex;justify-content:space-between;gap:8px}
-.answer{white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;
+.answer{white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,SFMono-Regular,Menlo,monospace,
+"Noto Sans Mono CJK SC","WenQuanYi Micro Hei Mono";
 font-size:13px;max-height:320px;overflow:auto}
 .answer .d{background:#fbe3e1}.answer .i{background:#dcf3e5}
 .check{font-size:12px;margin-top:6px;color:#5b6475}.check.pass{color:#0a7a3b}.check.fail{color:#b3261e}
@@ -67,6 +70,12 @@ JS = """
     });
   });
   document.getElementById('kind').addEventListener('change',function(e){kind=e.target.value; apply();});
+  // compare.html#outcome=B&kind=identity opens with those filters (links, screenshots)
+  location.hash.replace(/^#/,'').split('&').forEach(function(pair){
+    var kv=pair.split('='); if(kv[0]==='kind'){kind=decodeURIComponent(kv[1]); document.getElementById('kind').value=kind;}
+    if(kv[0]==='outcome'){outcome=kv[1]; document.querySelectorAll('.filters button').forEach(function(x){
+      x.classList.toggle('on', x.dataset.outcome===outcome);});}
+  });
   apply();
 })();
 """
@@ -80,7 +89,8 @@ def _e(text) -> str:
 
 def highlight_diff(a: str, b: str) -> tuple[str, str]:
     """Both texts as HTML, the words only in A wrapped in <span class="d">, those only in B in <span class="i">."""
-    words_a, words_b = re.split(r"(\s+)", a), re.split(r"(\s+)", b)
+    # a word keeps its trailing whitespace: a run of changed words is one highlighted stretch
+    words_a, words_b = re.findall(r"\S+\s*|\s+", a), re.findall(r"\S+\s*|\s+", b)
     out_a, out_b = [], []
     matcher = difflib.SequenceMatcher(None, words_a, words_b, autojunk=False)
     for op, i1, i2, j1, j2 in matcher.get_opcodes():

@@ -329,6 +329,18 @@ def _context_limit(model, tokenizer, configured: int | None) -> int:
     return min(limits) if limits else 2048
 
 
+def _use_gpu(device: str) -> None:
+    """hf_sft_eval.py hides the GPUs from CPU jobs; `serve --device cuda` asks for one, so unhide them (CUDA is not
+    initialized yet, so torch reads the variable afresh) and fail clearly when there is none."""
+    import torch
+
+    if os.environ.pop("SFT_EVAL_GPUS_HIDDEN", None) and os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device on this machine (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); serve on the CPU with --device cpu")
+
+
 def serve_main(argv: list[str]) -> int:
     """Load the model once and serve it until SIGTERM/Ctrl-C."""
     import torch
@@ -338,6 +350,8 @@ def serve_main(argv: list[str]) -> int:
         (ModelChoice, ServeOptions), argv, prog="hf_sft_eval.py serve",
         description="Serve a checkpoint over an OpenAI-compatible HTTP API (FastAPI + uvicorn).")
     options.api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
+    if options.device.startswith("cuda"):
+        _use_gpu(options.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(args.model, base_model=args.base_model, device=options.device)

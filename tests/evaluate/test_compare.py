@@ -88,8 +88,10 @@ def test_an_unevaluated_run_means_its_latest_checkpoint(tmp_path):
 
 def test_diff_highlight_marks_only_the_differing_words():
     a, b = highlight_diff("I am <Lumen> here", "I am Bob here")
-    assert a == 'I am <span class="d">&lt;Lumen&gt;</span> here'
-    assert b == 'I am <span class="i">Bob</span> here'
+    assert a == 'I am <span class="d">&lt;Lumen&gt; </span>here'
+    assert b == 'I am <span class="i">Bob </span>here'
+    assert highlight_diff("one two three", "one 2 3") == ('one <span class="d">two three</span>',
+                                                          'one <span class="i">2 3</span>')
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The evaluator reads a run through training's own parser; chat/batch/evaluator flags are declared once."""
 import json
+import shutil
 
 import pytest
 import yaml
@@ -89,6 +90,12 @@ def test_flag_problems_exit_2_before_anything_loads(capsys, argv, message):
     assert hf_sft_eval.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine: --device cuda is valid there")
+def test_serve_on_cuda_without_a_gpu_is_one_clear_error(capsys):
+    assert hf_sft_eval.main(["serve", "--model", "m", "--device", "cuda"]) == 2
+    assert "--device cuda: torch sees no CUDA device on this machine" in capsys.readouterr().err
 
 
 def test_generation_flags_are_declared_once_with_one_default():
