@@ -10,6 +10,7 @@ start-up.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -285,6 +286,24 @@ def test_client_disconnect_stops_its_generation(client, server):
     assert state["cancelled_tokens"][-1] < 3000
     reply = client.chat.completions.create(model=NAME, messages=user("still there?"), max_tokens=2, temperature=0)
     assert reply.usage.completion_tokens >= 1
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_goes(server):
+    url, _ = server
+    before = health(url)["cancelled"]
+    body = json.dumps({"model": NAME, "messages": user("long"), "max_tokens": 3000, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 30
+        while health(url)["running"] == 0 and time.time() < deadline:  # generation has started
+            time.sleep(0.05)
+    deadline = time.time() + 30
+    while health(url)["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.2)
+    state = health(url)
+    assert state["cancelled"] == before + 1 and state["cancelled_tokens"][-1] < 3000
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(client, server):
