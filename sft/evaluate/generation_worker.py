@@ -124,6 +124,7 @@ class GenerationWorker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.stats = WorkerStats()
         self.closing = False
+        self._jobs: dict[int, Job] = {}  # queued or running, by id(): what close() must cancel
 
     def admit(self) -> None:
         """Raise the 503 a new request gets while shutting down or with a full queue (checked before a stream's
@@ -148,16 +149,23 @@ class GenerationWorker:
                 except RuntimeError:  # the loop is gone (shutdown): nobody listens any more
                     job.cancel.set()
         self.stats.waiting += 1
+        self._jobs[id(job)] = job
         future = self.executor.submit(self._generate, job, emit)
         try:
             return await asyncio.wrap_future(future)
         except BaseException:
             job.cancel.set()
             raise
+        finally:
+            self._jobs.pop(id(job), None)
 
     def close(self) -> None:
-        """Refuse new jobs, cancel the queued ones, let the running one stop at its next token, wait for it."""
+        """Refuse new jobs, cancel every queued and running one (the running one stops at its next token), wait
+        for the worker thread. Called once the server's grace period is over: whatever is left is cancelled here,
+        not by the request tasks, which may not get to run again (this call blocks the event loop)."""
         self.closing = True
+        for job in list(self._jobs.values()):
+            job.cancel.set()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def _generate(self, job: Job, emit: Callable[[str], None] | None) -> Finished:

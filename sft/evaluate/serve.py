@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -72,7 +73,8 @@ def create_app(served: ServedModel, options: ServeOptions) -> FastAPI:
     key = options.api_key
 
     async def authorized(request: Request) -> None:
-        if key and request.headers.get("authorization", "") != f"Bearer {key}":
+        sent = request.headers.get("authorization", "").encode()
+        if key and not secrets.compare_digest(sent, f"Bearer {key}".encode()):  # constant time: no key guessing
             raise api.ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>` (the server's "
                                "--api_key or $" + API_KEY_ENV + ")", code="invalid_api_key")
 
@@ -99,7 +101,7 @@ def create_app(served: ServedModel, options: ServeOptions) -> FastAPI:
         job.hold_tool_calls = bool(conv.tools)
         worker.admit()
         if body.stream:
-            return _sse(_chat_stream(worker, job, served.name, len(ids), bool(conv.tools), _include_usage(body)))
+            return _sse(_chat_stream(worker, job, served.name, len(ids), bool(conv.tools), _include_usage(body)), job)
         done = await _run_watching(worker, job, request)
         return api.chat_response(api.new_id("chatcmpl"), served.name, done.text, done.finish, len(ids),
                                  done.num_tokens, bool(conv.tools))
@@ -115,7 +117,7 @@ def create_app(served: ServedModel, options: ServeOptions) -> FastAPI:
         job = _job(body, ids, body.max_tokens, served, options)
         worker.admit()
         if body.stream:
-            return _sse(_completion_stream(worker, job, served.name, len(ids), _include_usage(body)))
+            return _sse(_completion_stream(worker, job, served.name, len(ids), _include_usage(body)), job)
         done = await _run_watching(worker, job, request)
         return api.completion_response(api.new_id("cmpl"), served.name, done.text, done.finish, len(ids),
                                        done.num_tokens)
@@ -168,26 +170,47 @@ def _job(body, ids: list[int], max_tokens: int | None, served: ServedModel, opti
 async def _run_watching(worker: GenerationWorker, job: Job, request: Request) -> Finished:
     """Await a non-streamed job, polling for a client disconnect (which cancels it)."""
     task = asyncio.ensure_future(worker.run(job))
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.2)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            job.cancel.set()
-            logger.info("client disconnected: generation cancelled")
-            return await task
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                job.cancel.set()
+                logger.info("client disconnected: generation cancelled")
+                return await task
+    except BaseException:  # this handler was cancelled (shutdown timeout): the generation must stop too
+        job.cancel.set()
+        raise
 
 
 # ------------------------------------------------------------------------------------ streaming
 
 
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+class _JobStream(StreamingResponse):
+    """A streamed response that cancels its job however the response ends. Starlette does not close the event
+    iterator when the response is cancelled (client gone, shutdown timeout) while it waits in send() on a
+    client that stopped reading, so the iterator's own cleanup cannot be relied on."""
+
+    def __init__(self, content, job: Job):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.job.cancel.is_set():
+                self.job.cancel.set()  # a no-op when the generation has already ended
+
+
+def _sse(events: AsyncIterator[dict], job: Job) -> StreamingResponse:
     async def lines() -> AsyncIterator[str]:
         async for event in events:
             yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _JobStream(lines(), job)
 
 
 async def _stream_job(worker: GenerationWorker, job: Job) -> AsyncIterator[str | Finished]:

@@ -42,7 +42,7 @@ def scripted_model(tokenizer, script: str):
     width = len(chain) + len(chain) % 2  # RoPE needs an even head size
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=8,
                          num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-                         head_dim=width, max_position_embeddings=1024, tie_word_embeddings=False)
+                         head_dim=width, max_position_embeddings=8192, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -59,12 +59,14 @@ def scripted_model(tokenizer, script: str):
 class ThreadServer:
     """uvicorn serving `app` on a free port in a daemon thread (a real HTTP server, without a new process)."""
 
-    def __init__(self, app):
+    def __init__(self, app, graceful_seconds: float | None = None):
         import uvicorn
 
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=graceful_seconds))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadServer":
@@ -77,10 +79,10 @@ class ThreadServer:
         self.thread.join(10)
 
 
-def serve_scripted(tokenizer, script: str, name: str = "tiny") -> ThreadServer:
+def serve_scripted(tokenizer, script: str, name: str = "tiny", graceful_seconds: float | None = None) -> ThreadServer:
     from sft.evaluate.options import ServeOptions
     from sft.evaluate.serve import ServedModel, create_app
 
     model = scripted_model(tokenizer, script)
-    return ThreadServer(create_app(ServedModel(name, model, tokenizer, template="qwen2.5", max_context=1024),
-                                   ServeOptions()))
+    return ThreadServer(create_app(ServedModel(name, model, tokenizer, template="qwen2.5", max_context=8192),
+                                   ServeOptions(max_tokens_limit=8000)), graceful_seconds)

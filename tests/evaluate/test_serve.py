@@ -364,3 +364,21 @@ def test_tool_call_comes_back_as_openai_tool_calls(tool_server):
 
     plain = tool_server.chat.completions.create(model=NAME, messages=user("Weather?"), max_tokens=30, temperature=0)
     assert plain.choices[0].message.content == SCRIPT  # without `tools` the text is returned as written
+
+
+def test_shutdown_cancels_a_generation_that_outlasts_the_grace_period(qwen_tokenizer):
+    """What SIGTERM does after --shutdown_seconds (uvicorn's handler sets should_exit): the request in flight is
+    cancelled between tokens, the worker stops, the server thread ends."""
+    running = serve_scripted(qwen_tokenizer, SCRIPT, NAME, graceful_seconds=0.2)
+    with running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(model=NAME, messages=user("hi"), max_tokens=6000, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        worker = running.app.state.worker
+        started = time.time()
+        running.server.should_exit = True
+        running.thread.join(30)
+        assert not running.thread.is_alive() and time.time() - started < 30
+        assert worker.closing and worker.stats.cancelled == 1 and worker.stats.running == 0
+        assert worker.stats.cancelled_tokens[-1] < 6000
