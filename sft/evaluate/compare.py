@@ -221,7 +221,8 @@ def verdict_line(summary: dict) -> str:
         return f"No difference on the checks: B wins {b}, A wins {a} (sign test p = {p:.3g})."
     better = "B" if b > a else "A"
     strength = "significant at 5%" if p < 0.05 else "NOT significant at 5%: could be chance"
-    return f"{better} is better on the checks: B wins {b}, A wins {a}, ties {summary['ties']} (sign test p = {p:.3g}, {strength})."
+    return (f"{better} is better on the checks: B wins {b}, A wins {a}, ties {summary['ties']} "
+            f"(sign test p = {p:.3g}, {strength}).")
 
 
 # --------------------------------------------------------------------------------------- judge
