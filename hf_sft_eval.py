@@ -6,6 +6,8 @@
     python hf_sft_eval.py --run outputs/lora_run --merge     # export the run's adapter as plain merged weights
     python hf_sft_eval.py chat --model outputs/demo          # interactive chat, streamed
     python hf_sft_eval.py batch --model outputs/demo --input prompts.jsonl --output answers.jsonl
+    python hf_sft_eval.py serve --model outputs/demo          # OpenAI-compatible API on http://127.0.0.1:8000/v1
+    python hf_sft_eval.py compare smollm2-135m-instruct outputs/demo --prompts data/demo_eval_prompts.jsonl
 
 Reports land in RUN/eval/: metrics.jsonl, predictions-STEP.jsonl, report.md and PNG plots.
 See docs/evaluation.md.
@@ -15,21 +17,33 @@ from __future__ import annotations
 import os
 import sys
 
-# The evaluator is a CPU job that runs beside training: never grab a GPU the trainer needs.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The evaluator is a CPU job that runs beside training: never grab a GPU the trainer needs. (`serve --device
+# cuda` gives them back: GPUS_HIDDEN tells it that the empty value is ours, not the user's.)
+if "CUDA_VISIBLE_DEVICES" not in os.environ:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["SFT_EVAL_GPUS_HIDDEN"] = "1"
 
 from sft.cli import run_entry  # noqa: E402
 
-SUBCOMMANDS = ("chat", "batch")
+SUBCOMMANDS = ("chat", "batch", "serve", "compare")
+
+
+def _subcommand(name: str):
+    # Imported on demand: `serve` needs fastapi/uvicorn, the others must not pay for (or need) them.
+    if name == "chat":
+        from sft.evaluate.chat import chat_main as command
+    elif name == "batch":
+        from sft.evaluate.batch import batch_main as command
+    elif name == "serve":
+        from sft.evaluate.serve import serve_main as command
+    else:
+        from sft.evaluate.compare import compare_main as command
+    return command
 
 
 def _main(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
-        from sft.evaluate.batch import batch_main
-        from sft.evaluate.chat import chat_main
-
-        command = {"chat": chat_main, "batch": batch_main}[argv[0]]
-        return command(argv[1:])
+        return _subcommand(argv[0])(argv[1:])
     from sft.evaluate.cli import eval_main
 
     return eval_main(argv)

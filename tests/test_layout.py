@@ -27,7 +27,8 @@ STAGES = [
     # checkpoints -> scores, answers, reports
     "sft.evaluate", "sft.evaluate.options", "sft.evaluate.inference", "sft.evaluate.metrics",
     "sft.evaluate.evaluator", "sft.evaluate.report", "sft.evaluate.cli", "sft.evaluate.chat",
-    "sft.evaluate.batch",
+    "sft.evaluate.batch", "sft.evaluate.openai_api", "sft.evaluate.generation_worker", "sft.evaluate.serve",
+    "sft.evaluate.compare_html", "sft.evaluate.compare",
 ]
 NAMES = r"(\([^)]*\)|[^\n]*)"  # a parenthesized list over several lines, or the rest of the line
 ABSOLUTE = re.compile(r"^[ \t]*(?:from (sft(?:\.\w+)*) import " + NAMES + r"|import (sft(?:\.\w+)+))", re.M)

@@ -13,8 +13,8 @@ from sft.evaluate.options import EvalArguments, GenerationOptions
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = ("Evaluate the base model and every finished checkpoint of an hf_sft.py run on the CPU, with the run's "
-               "own resolved settings (RUN/sft_config.yaml). Subcommands: chat, batch (see `hf_sft_eval.py chat "
-               "--help`).")
+               "own resolved settings (RUN/sft_config.yaml). Subcommands: chat, batch, serve, compare (see "
+               "`hf_sft_eval.py chat --help`).")
 
 
 def parse_eval_args(argv: list[str]) -> tuple[EvalArguments, GenerationOptions]:

@@ -130,16 +130,20 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], options: Generat
 
 
 def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: GenerationOptions,
-             stops: list[int], streamer=None) -> torch.Tensor:
+             stops: list[int], streamer=None, stopping_criteria=None, min_new_tokens: int = 0) -> torch.Tensor:
     """The one `model.generate` call: KV cache, stop at the turn-end tokens, greedy or top-p sampling.
 
     top_k=None: the model's generation_config may set a top_k that would silently narrow --top_p sampling.
+    stopping_criteria: extra reasons to stop (serve: the client went away, a stop string was written).
+    min_new_tokens: the stop tokens are suppressed until then (serve's `ignore_eos`: fixed-length benchmarks).
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = dict(temperature=options.temperature, top_p=options.top_p) if options.do_sample else {}
+    if min_new_tokens:
+        sampling["min_new_tokens"] = min_new_tokens
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=options.max_new_tokens,
                           do_sample=options.do_sample, eos_token_id=stops, pad_token_id=pad, use_cache=True,
-                          top_k=None, streamer=streamer, **sampling)
+                          top_k=None, streamer=streamer, stopping_criteria=stopping_criteria, **sampling)
 
 
 def decode_generated(new_ids: list[int], tokenizer, stops: list[int]) -> Generated:

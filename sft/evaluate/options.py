@@ -1,8 +1,10 @@
-"""The flags of `hf_sft_eval.py` (evaluator) and its `chat` and `batch` subcommands, as argument groups.
+"""The flags of `hf_sft_eval.py` (evaluator) and its subcommands, as argument groups.
 
     evaluator:  EvalArguments + GenerationOptions
     chat:       ModelChoice + GenerationOptions
     batch:      ModelChoice + BatchFiles + GenerationOptions
+    serve:      ModelChoice + ServeOptions (decoding comes with each request)
+    compare:    CompareArguments + GenerationOptions
 
 Parsed by sft.config.parse_args like training's flags (`--config x.yaml` defaults, unknown flags named,
 every problem in one ConfigError). The generation flags are declared once, here.
@@ -133,3 +135,78 @@ class BatchFiles:
         if os.path.abspath(self.input) == os.path.abspath(self.output):
             return [f"--output {self.output} is the --input file; pass another --output path"]
         return []
+
+
+@dataclass
+class ServeOptions:
+    """serve: where the OpenAI-compatible server listens and what one request may ask for."""
+
+    host: str = field(default="127.0.0.1", metadata=_help(
+        "Address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes it: set --api_key then)."))
+    port: int = field(default=8000, metadata=_help("TCP port (0: any free port; uvicorn's start line names it)."))
+    api_key: str | None = field(default=None, metadata=_help(
+        "Require `Authorization: Bearer KEY` on every request (default: $SFT_SERVE_API_KEY, else no key)."))
+    served_name: str | None = field(default=None, metadata=_help(
+        "The model name clients send (default: the --model value)."))
+    device: str = field(default="cpu", metadata=_help("cpu or cuda."))
+    max_request_bytes: int = field(default=1_000_000, metadata=_help("Largest request body (413 above it)."))
+    max_messages: int = field(default=512, metadata=_help("Most messages in one chat request."))
+    max_tokens_limit: int = field(default=2048, metadata=_help("Largest max_tokens a request may ask for."))
+    default_max_tokens: int = field(default=256, metadata=_help(
+        "max_tokens of a chat request that gives none (cut to what the context leaves)."))
+    max_context: int | None = field(default=None, metadata=_help(
+        "Prompt + max_tokens limit in tokens (default: the model's max_position_embeddings)."))
+    max_queue: int = field(default=64, metadata=_help(
+        "Requests waiting for the model at most; more get 503 (generation runs one request at a time)."))
+    shutdown_seconds: float = field(default=30.0, metadata=_help(
+        "On SIGTERM: how long in-flight requests may finish before they are cancelled."))
+
+    def problems(self) -> list[str]:
+        out = [f"--{name} {getattr(self, name)}: must be at least 1" for name in
+               ("max_request_bytes", "max_messages", "max_tokens_limit", "default_max_tokens", "max_queue")
+               if getattr(self, name) < 1]
+        if not 0 <= self.port <= 65535:
+            out.append(f"--port {self.port}: expected 0..65535")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            out.append(f"--device {self.device!r}: expected cpu, cuda or cuda:N")
+        if self.max_context is not None and self.max_context < 2:
+            out.append(f"--max_context {self.max_context}: must be at least 2")
+        return out
+
+
+@dataclass
+class CompareArguments:
+    """compare: the two models (A, B), the prompts, and where the report goes."""
+
+    models: list[str] = field(default_factory=list, metadata=_help(
+        "A and B: each a run folder (its best checkpoint as the evaluator ranked it), RUN:STEP, a checkpoint "
+        "folder or a model name."))
+    prompts: str | None = field(default=None, metadata=_help(
+        "Prompts JSONL ({\"prompt\", \"check\"?, \"reference\"?, \"kind\"?}); default: A's or B's run --eval_prompts."))
+    output_dir: str | None = field(default=None, metadata=_help(
+        "Where compare.md / compare.html / compare.jsonl go (default: outputs/compare/A_vs_B)."))
+    num_prompts: int | None = field(default=None, metadata=_help("Use only the first N prompts."))
+    template: str | None = field(default=None, metadata=_help(
+        "Chat template for both (default: each run's own, else auto)."))
+    system_prompt: str | None = field(default=None, metadata=_help(
+        "System prompt for both (default: each run's own, else the template's)."))
+    judge_url: str | None = field(default=None, metadata=_help(
+        "OpenAI-compatible base URL of a judge model (e.g. http://127.0.0.1:8000/v1 from `serve`)."))
+    judge_model: str | None = field(default=None, metadata=_help("Judge model name (default: the server's first)."))
+    judge_api_key: str | None = field(default=None, metadata=_help(
+        "Bearer key for the judge (default: $SFT_JUDGE_API_KEY)."))
+    judge_max_tokens: int = field(default=16, metadata=_help("Tokens the judge may write per verdict."))
+    bootstrap_samples: int = field(default=2000, metadata=_help("Paired bootstrap resamples (0 disables)."))
+    threads: int | None = field(default=None, metadata=_help("CPU threads (default: half the cores)."))
+    nice: int = field(default=10, metadata=_help("Scheduling niceness increment (0 disables)."))
+
+    def problems(self) -> list[str]:
+        out = _template_problems(self.template) + _threads_problems(self.threads)
+        if len(self.models) != 2:
+            out.append(f"expected two models A B, got {len(self.models)} ({' '.join(self.models) or 'none'}); "
+                       "e.g. `compare smollm2-135m-instruct outputs/demo --prompts data/demo_eval_prompts.jsonl`")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            out.append(f"--num_prompts {self.num_prompts}: must be at least 1")
+        if self.bootstrap_samples < 0:
+            out.append(f"--bootstrap_samples {self.bootstrap_samples}: must be >= 0")
+        return out

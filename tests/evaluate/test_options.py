@@ -1,5 +1,6 @@
 """The evaluator reads a run through training's own parser; chat/batch/evaluator flags are declared once."""
 import json
+import shutil
 
 import pytest
 import yaml
@@ -79,11 +80,22 @@ def test_a_malformed_run_config_is_one_clear_error_naming_the_file(tmp_path, cap
     (["chat", "--model", "m", "--template", "jinja"], "--template 'jinja'"),
     (["batch", "--model", "m", "--input", "a.jsonl", "--output", "a.jsonl"], "is the --input file"),
     (["batch", "--model", "m", "--input", "a.jsonl"], "missing required argument --output"),
+    (["serve", "--model", "m", "--port", "70000", "--max_queue", "0"], "--max_queue 0: must be at least 1"),
+    (["serve", "--model", "m", "--port", "70000"], "--port 70000: expected 0..65535"),
+    (["serve", "--model", "m", "--temperature", "0"], "unknown argument '--temperature'"),  # decoding is per request
+    (["compare", "a", "b", "c"], "expected two models A B, got 3"),
+    (["compare", "a", "b", "--judge_modle", "x"], "did you mean --judge_model"),
 ])
 def test_flag_problems_exit_2_before_anything_loads(capsys, argv, message):
     assert hf_sft_eval.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine: --device cuda is valid there")
+def test_serve_on_cuda_without_a_gpu_is_one_clear_error(capsys):
+    assert hf_sft_eval.main(["serve", "--model", "m", "--device", "cuda"]) == 2
+    assert "--device cuda: torch sees no CUDA device on this machine" in capsys.readouterr().err
 
 
 def test_generation_flags_are_declared_once_with_one_default():
@@ -97,6 +109,8 @@ def test_generation_flags_are_declared_once_with_one_default():
     (["--help"], ["--run", "--watch", "--max_new_tokens", "--batch_size", "--merge_output", "--config"]),
     (["chat", "--help"], ["--model", "--template", "--max_new_tokens", "--do_sample", "--top_p"]),
     (["batch", "--help"], ["--model", "--input", "--output", "--max_new_tokens", "--batch_size"]),
+    (["serve", "--help"], ["--model", "--host", "--port", "--api_key", "--default_max_tokens", "--max_queue"]),
+    (["compare", "--help"], ["MODEL", "--prompts", "--judge_url", "--max_new_tokens", "--output_dir"]),
 ])
 def test_help_lists_the_flags_and_each_default_once(capsys, argv, flags):
     with pytest.raises(SystemExit) as exit_:
