@@ -52,7 +52,7 @@ _SIGNATURES = (
     ("firefly", ("input", "target")),
     ("text", ("text",)),
 )
-_LOSS_KEYS = ("train", "loss", "weight")
+_LOSS_KEYS = ("train", "loss", "weight", "loss_weight")  # loss_weight: LLaMA-Factory v1
 
 
 def detect_format(record: Any) -> str:
@@ -260,12 +260,24 @@ def _leading_system(i: int, value: Any, current: str | None) -> str:
 
 
 def _text_content(content: Any, where: str) -> Any:
-    """OpenAI content may be a list of {"type": "text", "text": ...} parts: join them; else as is."""
+    """Content may be a list of text parts, {"type": "text", "text": ...} (OpenAI) or {"type": "text",
+    "value": ...} (LLaMA-Factory v1): join them; else as is."""
     if isinstance(content, list):
-        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            return "".join(p["text"] for p in content)
-        raise RecordError("non_string_content", f"{where} content has non-text parts; only text is supported")
+        texts = [_part_text(p) for p in content]
+        if all(text is not None for text in texts):
+            return "".join(texts)
+        kinds = sorted({str(p.get("type")) if isinstance(p, dict) else _json_type(p) for p, text in zip(content, texts)
+                        if text is None})
+        raise RecordError("non_string_content", f"{where} content has non-text parts ({', '.join(kinds)}); only "
+                                                'text parts ({"type": "text", "text" or "value": "..."}) are supported')
     return content
+
+
+def _part_text(part: Any) -> str | None:
+    if not isinstance(part, dict) or part.get("type", "text") != "text":
+        return None
+    text = part.get("text", part.get("value"))
+    return text if isinstance(text, str) else None
 
 
 def _loss_flag(turn: dict, i: int) -> bool | None:
@@ -274,7 +286,8 @@ def _loss_flag(turn: dict, i: int) -> bool | None:
             value = turn[key]
             if value in (0, 1) and not isinstance(value, str):  # True/False/0/1/0.0/1.0
                 return bool(value)
-            raise RecordError("bad_loss_flag", f"turn {i} has {key}={value!r}; expected true/false or 0/1")
+            raise RecordError("bad_loss_flag", f"turn {i} has {key}={value!r}; expected true/false or 0/1 (0: the "
+                                               "turn is not trained, 1: it is; weighted losses are not supported)")
     return None
 
 

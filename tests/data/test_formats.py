@@ -159,6 +159,44 @@ def test_loss_flags_map_to_message_train():
     assert [t.get("train") for t in sharegpt(rec)["conversations"]] == [None, False, None, True]
 
 
+
+# LLaMA-Factory v1's messages format: content is a list of {"type": "text", "value": ...} parts and every
+# message has a loss_weight (0: not trained, 1: trained).
+LLAMAFACTORY_V1 = {"messages": [
+    {"role": "system", "content": [{"type": "text", "value": "You are helpful."}], "loss_weight": 0.0},
+    {"role": "user", "content": [{"type": "text", "value": "Hi, "}, {"type": "text", "value": "who are you?"}],
+     "loss_weight": 0.0},
+    {"role": "assistant", "content": [{"type": "text", "value": "I am a bot."}], "loss_weight": 0.0},
+    {"role": "user", "content": [{"type": "text", "value": "And?"}], "loss_weight": 0.0},
+    {"role": "assistant", "content": [{"type": "text", "value": "That is all."}], "loss_weight": 1.0},
+]}
+
+
+def test_llamafactory_v1_text_parts_and_loss_weight():
+    conv = to_conversation(LLAMAFACTORY_V1, detect_format(LLAMAFACTORY_V1))
+    validate_conversation(conv)
+    assert conv.system == "You are helpful."
+    assert conv.messages == [Message("user", "Hi, who are you?", train=False),
+                             Message("assistant", "I am a bot.", train=False),
+                             Message("user", "And?", train=False), Message("assistant", "That is all.", train=True)]
+
+
+def test_llamafactory_v1_loss_weight_0_is_not_trained(qwen):
+    from sft.tokens.encoding import IGNORE_INDEX, EncodeOptions, encode_conversation
+
+    sample = encode_conversation(to_conversation(LLAMAFACTORY_V1, "openai"), qwen, EncodeOptions(template="qwen2.5"))
+    trained = qwen.decode([i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX])
+    assert trained == "That is all.<|im_end|>"  # the first answer (loss_weight 0) carries no loss
+
+
+def test_a_weight_other_than_0_or_1_is_a_clear_error():
+    record = {"messages": [{"role": "user", "content": [{"type": "text", "value": "q"}]},
+                           {"role": "assistant", "content": [{"type": "text", "value": "a"}], "loss_weight": 0.5}]}
+    with pytest.raises(RecordError, match="loss_weight=0.5.*weighted losses are not supported") as e:
+        to_conversation(record, "openai")
+    assert e.value.reason == "bad_loss_flag"
+
+
 ROUND_TRIP = [
     {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}], "kind": "OpenQA"},
     {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "train": False},
