@@ -24,7 +24,7 @@ class BatchStats:
     """FIFO of per-batch token counts, fed by the collator and drained once per optimizer step.
 
     The DataLoader runs ahead of the training loop (prefetch), so "the latest batch" is not the
-    batch being trained; FIFO order is. Each record is (real, supervised, padded) tokens:
+    batch being trained; FIFO order is. Each record is (real, supervised, padded) tokens and samples:
     real = attention_mask.sum() (in packed rows: input_ids.numel() - the collator's padding_tokens),
     supervised = (labels != -100).sum(), padded = input_ids.numel() - real.
     The collator must run in the training process (dataloader_num_workers=0): batches collated in
@@ -32,11 +32,11 @@ class BatchStats:
     """
 
     def __init__(self) -> None:
-        self._queue: deque[tuple[int, int, int]] = deque()
+        self._queue: deque[tuple[int, int, int, int]] = deque()
         self._lock = threading.Lock()
         self.paused = False  # set while evaluating: eval batches go through the same collator
 
-    def record(self, batch: dict) -> None:
+    def record(self, batch: dict, samples: int = 0) -> None:
         if self.paused:
             return
         input_ids = torch.as_tensor(batch["input_ids"])
@@ -46,7 +46,7 @@ class BatchStats:
         labels = batch.get("labels")
         supervised = int((torch.as_tensor(labels) != IGNORE_INDEX).sum()) if labels is not None else 0
         with self._lock:
-            self._queue.append((real, supervised, total - real))
+            self._queue.append((real, supervised, total - real, samples))
 
     def pop(self, n: int) -> dict[str, int] | None:
         """Sums over the next n recorded batches, or None when fewer than n were recorded."""
@@ -59,6 +59,7 @@ class BatchStats:
             "real_tokens": sum(r[0] for r in rows),
             "supervised_tokens": sum(r[1] for r in rows),
             "padded_tokens": sum(r[2] for r in rows),
+            "samples": sum(r[3] for r in rows),
         }
 
     def clear(self) -> None:
@@ -82,7 +83,7 @@ def training_collator(stats: BatchStats, sample_log: "SampleIdLog"):
         ids = batch.pop("sample_ids", None)
         if ids is not None:
             sample_log.record(ids)
-            stats.record(batch)
+            stats.record(batch, samples=len(ids))
         batch.pop("padding_tokens", None)  # a count for the stats, not a model input
         return batch
 
@@ -127,10 +128,15 @@ class ThroughputCallback(TrainerCallback):
     Values cover the steps since the previous log, summed over all processes. Step time runs from
     the end of one step to the end of the next, so data loading is included and time spent in
     evaluation or saving is not. Must sit before the logging integrations (see attach_callbacks).
+
+    The end-of-training summary gets the true `train_samples_per_second` and a `train_tokens_per_second`
+    (samples and real tokens this train() call trained, over its runtime): the Trainer's own figure
+    counts one sample per micro-batch, since the stream hands it whole batches of batch size 1.
     """
 
     def __init__(self, stats: BatchStats):
         self.stats = stats
+        self._run_samples = self._run_real = 0
         self._micro_batches = 0
         self._missing_warned = False
         self._reset_window()
@@ -144,6 +150,7 @@ class ThroughputCallback(TrainerCallback):
         self.stats.clear()  # drop batches of an evaluate() run before train()
         self.stats.paused = False
         self._micro_batches = 0
+        self._run_samples = self._run_real = 0
         self._reset_window()
         self._mark = time.perf_counter()
 
@@ -162,6 +169,8 @@ class ThroughputCallback(TrainerCallback):
             self._real += counts["real_tokens"]
             self._supervised += counts["supervised_tokens"]
             self._padded += counts["padded_tokens"]
+            self._run_samples += counts["samples"]
+            self._run_real += counts["real_tokens"]
         self._pause_if_evaluating(control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -180,8 +189,11 @@ class ThroughputCallback(TrainerCallback):
         self._mark = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "train_runtime" in logs:
+            self._true_summary(args, logs)
+            return
         if logs is None or "loss" not in logs:
-            return  # eval and end-of-training summaries
+            return  # eval logs
         real, supervised, padded, complete = _sum_over_processes(
             [self._real, self._supervised, self._padded, float(self._complete)], args)
         world = args.world_size if torch.distributed.is_initialized() else 1
@@ -195,3 +207,10 @@ class ThroughputCallback(TrainerCallback):
             logs["supervised_tokens"] = int(supervised)
             logs["padding_fraction"] = round(padded / (real + padded), 4) if real + padded else 0.0
         self._reset_window()
+
+    def _true_summary(self, args, logs: dict) -> None:
+        samples, real = _sum_over_processes([float(self._run_samples), float(self._run_real)], args)
+        runtime = float(logs["train_runtime"])
+        if samples and runtime > 0:  # nothing counted (batches collated elsewhere): leave the Trainer's figures
+            logs["train_samples_per_second"] = round(samples / runtime, 3)
+            logs["train_tokens_per_second"] = round(real / runtime, 1)

@@ -137,8 +137,7 @@ def prepare_model(model, method_args, training_args):
                          "full_then_lora")
     if kind not in FULL_METHODS:
         upcast_trainable_parameters(model)
-    log_trainable_parameters(model, kind)
-    return model
+    return model  # the start banner states the trainable parameters (once)
 
 
 def upcast_trainable_parameters(model: nn.Module) -> int:
@@ -277,8 +276,6 @@ def log_trainable_parameters(model: nn.Module, kind: str) -> str:
     trainable, total = count_parameters(model)
     line = (f"[{kind}] trainable parameters: {trainable:,} of {total:,} "
             f"({100.0 * trainable / max(total, 1):.4f}%)")
-    # Printed as well as logged: transformers keeps library INFO logs hidden by default.
-    print(line, flush=True)
     logger.info(line)
     return line
 

@@ -290,6 +290,15 @@ def finish(run: TrainingRun, model) -> None:
     write_run_end(output_dir, outcome.outcome, outcome.message, final_model=output_dir if final else None,
                   global_step=_global_step(run))
     logger.info("Finished: %s; data: %s; %s", output_dir, run.stream.counters, run.stream.encode_stats.summary())
+    print(next_command(output_dir, resume=not final), flush=True)
+
+
+def next_command(output_dir: str, resume: bool = False) -> str:
+    """What to run next, printed when training ends (the README's next step)."""
+    if resume:
+        return (f"Next: continue with the same command plus --resume_from_checkpoint auto, or see what the checkpoints "
+                f"learned: python hf_sft_eval.py --run {output_dir}")
+    return f"Next: see what it learned (base model vs each checkpoint): python hf_sft_eval.py --run {output_dir}"
 
 
 def _global_step(run: TrainingRun) -> int | None:

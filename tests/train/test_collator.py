@@ -22,7 +22,7 @@ def test_unwraps_and_records(tmp_path):
         assert torch.equal(out[key], batch[key])
     assert out["use_cache"] is False
     assert "sample_ids" in batch and "padding_tokens" in batch  # the stream's batch itself is left alone
-    assert stats.pop(1) == {"real_tokens": 5, "supervised_tokens": 3, "padded_tokens": 1}
+    assert stats.pop(1) == {"real_tokens": 5, "supervised_tokens": 3, "padded_tokens": 1, "samples": 2}
     log.on_step_end(None, type("State", (), {"global_step": 1})(), None)
     assert json.loads((tmp_path / "ids.jsonl").read_text()) == {"step": 1, "ids": ["a.jsonl:1", "a.jsonl:2"]}
 
@@ -41,3 +41,22 @@ def test_refuses_a_dataloader_batch_of_several_items():
 
     with pytest.raises(ValueError, match="per-DataLoader batch size must be 1, got 2"):
         training_collator(BatchStats(), SampleIdLog(None, 1))([stream_batch(), stream_batch()])
+
+
+def test_the_training_summary_reports_true_samples_and_tokens_per_second(tmp_path):
+    """The Trainer counts one sample per micro-batch (the stream's batch size is 1): the summary is corrected."""
+    from types import SimpleNamespace
+
+    from sft.train.collator import ThroughputCallback
+
+    stats, log = BatchStats(), SampleIdLog(None, accumulation=1)
+    callback = ThroughputCallback(stats)
+    args = SimpleNamespace(world_size=1, device="cpu")
+    callback.on_train_begin(args, None, None)
+    collate = training_collator(stats, log)
+    for _ in range(3):  # three steps of one micro-batch, 2 samples and 5 real tokens each
+        collate([stream_batch()])
+        callback.on_step_end(args, None, SimpleNamespace(should_evaluate=False))
+    summary = {"train_runtime": 2.0, "train_samples_per_second": 1.5, "train_loss": 1.0}
+    callback.on_log(args, None, None, logs=summary)
+    assert summary["train_samples_per_second"] == 3.0 and summary["train_tokens_per_second"] == 7.5

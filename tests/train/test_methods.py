@@ -400,3 +400,10 @@ def test_a_few_steps_train_with_bf16_frozen_weights(kind, tmp_path):
     if kind not in ("lora", "dora"):  # LoRA A only moves once B is non-zero, so one A may stay put
         assert changed == trainable
     assert _dtypes(model) == ({torch.bfloat16}, {torch.float32})  # the optimizer kept them apart
+
+
+def test_setup_prints_nothing_the_banner_already_says(tmp_path, capsys):
+    """The trainable-parameter count is the start banner's: setting a method up prints no second copy."""
+    method = MethodArguments(finetuning_type="lora", lora_rank=4)
+    prepare_model(load_model(MODEL), method, _args(tmp_path))
+    assert "trainable parameters" not in capsys.readouterr().out

@@ -122,3 +122,10 @@ def test_launch_command_outside_the_entry_script():
     assert run_module.launch_command(2, ["pytest", "-q"]) == "accelerate launch --num_processes 2 hf_sft.py ..."
     assert (run_module.launch_command(8, ["/opt/sft/hf_sft.py", "--data", "my file.jsonl"])
             == "accelerate launch --num_processes 8 /opt/sft/hf_sft.py --data 'my file.jsonl'")
+
+
+def test_the_end_of_a_run_names_the_next_command():
+    from sft.train.run import next_command
+
+    assert next_command("outputs/demo").endswith("python hf_sft_eval.py --run outputs/demo")
+    assert "--resume_from_checkpoint auto" in next_command("outputs/demo", resume=True)
