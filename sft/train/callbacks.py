@@ -264,13 +264,17 @@ class EarlyStopOutcome(TrainerCallback):
 
 
 def attach_callbacks(trainer, stats: BatchStats, outcome: RunOutcome, data_state_fn: Callable[[int], Any] | None = None,
-                     early_stopping_patience: int = 0, tensorboard: bool = True) -> None:
+                     early_stopping_patience: int = 0, tensorboard: bool = True,
+                     save_total_limit: int | None | str = "from args") -> None:
     """Add this module's callbacks to `trainer`, in the order they need.
 
     ThroughputCallback goes right after DefaultFlowCallback: it must see the flow's should_evaluate,
     and its keys must be in the logs dict before TensorBoard, train_log.jsonl and the progress bar
     read it. NonFiniteLossCallback goes last so its "no save" wins over every other callback.
     Early stopping needs the args of checkpoint_args_overrides(has_eval=True) (metric_for_best_model).
+    Rotation moves from the Trainer to CompletionMarkerCallback (after COMPLETE): save_total_limit is taken
+    from trainer.args unless given (callers whose args object is shared between trainers pass it), and the
+    Trainer's own is set to None.
     """
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import DefaultFlowCallback
@@ -285,7 +289,10 @@ def attach_callbacks(trainer, stats: BatchStats, outcome: RunOutcome, data_state
     if early_stopping_patience:
         early = EarlyStoppingCallback(early_stopping_patience)
         callbacks += [early, EarlyStopOutcome(early, outcome)]
-    callbacks += [GracefulStopCallback(outcome), CompletionMarkerCallback(data_state_fn),
+    if save_total_limit == "from args":
+        save_total_limit = trainer.args.save_total_limit
+    trainer.args.save_total_limit = None  # the Trainer would rotate before the new checkpoint is COMPLETE
+    callbacks += [GracefulStopCallback(outcome), CompletionMarkerCallback(data_state_fn, save_total_limit),
                   NonFiniteLossCallback(outcome)]
     for callback in callbacks:
         trainer.add_callback(callback)

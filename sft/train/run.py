@@ -251,6 +251,7 @@ def make_trainer(run: TrainingRun, model, args) -> Trainer:
     apply_requested_engine(trainer)  # FSDP on CPU, or a loud warning when the launch asked for another engine
     attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
                      early_stopping_patience=run.config.data.early_stopping_patience,
+                     save_total_limit=run.config.training.save_total_limit,
                      tensorboard="tensorboard" in (args.report_to or []))
     for callback in (run.sample_log, EngineReport(), *run.extra_callbacks):
         trainer.add_callback(callback)

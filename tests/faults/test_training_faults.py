@@ -1,0 +1,67 @@
+"""Faults of issue 16 in training: each test is named after the numbered item it reproduces.
+Kills are simulated by an exception raised at the chosen point (the process state on disk is the same)."""
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+import sft.train.checkpoints as checkpoints
+from sft.train.callbacks import RunOutcome, attach_callbacks
+from sft.train.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, resolve_resume
+from sft.train.collator import BatchStats
+
+
+def _rows(n, length=8):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(10, 1000, (length,), generator=g).tolist()} for _ in range(n)]
+
+
+def _collate(features):
+    ids = torch.tensor([f["input_ids"] for f in features])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _trainer(out, max_steps, **overrides):
+    from sft.models import load_model
+
+    torch.manual_seed(0)
+    settings = dict(output_dir=str(out), use_cpu=True, report_to="none", max_steps=max_steps,
+                    per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_steps=1,
+                    save_only_model=True, disable_tqdm=True, remove_unused_columns=False, seed=0)
+    settings.update(overrides)
+    trainer = Trainer(model=load_model("tiny-qwen2"), args=TrainingArguments(**settings), train_dataset=_rows(16),
+                      data_collator=_collate)
+    attach_callbacks(trainer, BatchStats(), RunOutcome(), tensorboard=False)
+    return trainer
+
+
+class Killed(Exception):
+    pass
+
+
+def test_item4_rotation_waits_for_the_new_checkpoints_complete(tmp_path, monkeypatch):
+    real_mark = checkpoints.mark_complete
+
+    def killed_before_second_complete(folder, step):
+        if step == 2:
+            raise Killed(f"killed before {folder}/COMPLETE")
+        real_mark(folder, step)
+
+    monkeypatch.setattr(checkpoints, "mark_complete", killed_before_second_complete)
+    with pytest.raises(Killed):
+        _trainer(tmp_path, max_steps=3, save_total_limit=1).train()
+    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    assert resolve_resume("auto", tmp_path) == str(tmp_path / "checkpoint-1")
+
+
+def test_item4_rotation_still_keeps_save_total_limit(tmp_path):
+    _trainer(tmp_path, max_steps=3, save_total_limit=1).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert (tmp_path / "checkpoint-3" / COMPLETE_MARKER).is_file()
+
+
+def test_item4_auto_with_only_incomplete_checkpoints_is_an_error(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(ValueError, match=r"checkpoint-4.*no COMPLETE marker"):
+        resolve_resume("auto", tmp_path)
+    assert resolve_resume("auto", tmp_path / "empty") is None  # nothing there: a fresh start
