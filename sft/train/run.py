@@ -53,6 +53,7 @@ from sft.train.methods import (
     prepare_model,
     save_final,
 )
+from sft.train.output_dir import claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
     encode_options = encode_options_for(config)
     stream_options = stream_options_for(config)
     max_steps = compute_max_steps(config, sources, world)
+    claim_output_dir(config, main_process=rank == 0)  # before the collective below: no rank reads while 0 deletes
     check_output_dir_shared(t.output_dir, rank, world)
     resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     topology = run_topology(world, t.per_device_train_batch_size, t.gradient_accumulation_steps)

@@ -65,3 +65,57 @@ def test_item4_auto_with_only_incomplete_checkpoints_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-4.*no COMPLETE marker"):
         resolve_resume("auto", tmp_path)
     assert resolve_resume("auto", tmp_path / "empty") is None  # nothing there: a fresh start
+
+
+def _config(out, *flags):
+    from sft.config import parse_config
+
+    return parse_config(["--model", "tiny-qwen2", "--output_dir", str(out), "--report_to", "none", *flags])
+
+
+def _old_run(out, *flags):
+    from sft.config import write_resolved_config
+
+    write_resolved_config(_config(out, *flags), out)
+    (out / "checkpoint-12").mkdir()
+    (out / "checkpoint-12" / COMPLETE_MARKER).write_text("{}")
+    (out / "run_end.json").write_text("{}")
+    (out / "train_log.jsonl").write_text("{}\n")
+    (out / "train_rejects-rank0.jsonl").write_text("")
+    (out / "notes.txt").write_text("mine")
+
+
+def test_item5_a_fresh_run_refuses_another_runs_output_dir(tmp_path):
+    from sft.train.run import claim_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    _old_run(out, "--learning_rate", "0.001")
+    with pytest.raises(ValueError, match=r"checkpoint-12.*--resume_from_checkpoint auto.*--overwrite_output_dir"):
+        claim_output_dir(_config(out, "--learning_rate", "0.001"))  # same run, not resumed: would mix two runs
+    (out / "checkpoint-12" / COMPLETE_MARKER).unlink()
+    import shutil
+    shutil.rmtree(out / "checkpoint-12")
+    with pytest.raises(ValueError, match=r"another run.*learning_rate: 0.001 -> 0.002"):
+        claim_output_dir(_config(out, "--learning_rate", "0.002"))
+    claim_output_dir(_config(out, "--learning_rate", "0.001", "--max_steps", "99"))  # same run, longer: fine
+
+
+def test_item5_resume_of_the_same_run_stays_allowed(tmp_path):
+    from sft.train.run import claim_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    _old_run(out)
+    claim_output_dir(_config(out, "--resume_from_checkpoint", "auto"))
+    assert (out / "checkpoint-12").is_dir()
+
+
+def test_item5_overwrite_output_dir_clears_only_the_toolkits_files(tmp_path):
+    from sft.train.run import claim_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    _old_run(out, "--learning_rate", "0.001")
+    claim_output_dir(_config(out, "--learning_rate", "0.002", "--overwrite_output_dir"))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
