@@ -178,6 +178,16 @@ class NonFiniteLossCallback(TrainerCallback):
             self._stop(control)
 
 
+class StopSignalled(KeyboardInterrupt):
+    """SIGTERM/SIGINT while the data stream was reading: the run stops at once, without a new checkpoint.
+    A KeyboardInterrupt, so no `except Exception` on the way (record readers) swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + int(signum)
+        super().__init__(f"stopped by {self.signal_name} while reading training data")
+
+
 class GracefulStopCallback(TrainerCallback):
     """SIGTERM/SIGINT: finish the current step (or evaluation), save a checkpoint, stop cleanly.
 
@@ -190,8 +200,11 @@ class GracefulStopCallback(TrainerCallback):
 
     SIGNALS = ("SIGTERM", "SIGINT")
 
-    def __init__(self, outcome: "RunOutcome") -> None:
+    def __init__(self, outcome: "RunOutcome", reading: Callable[[], bool] | None = None) -> None:
         self.outcome = outcome
+        # True while the data stream reads between steps: a step boundary may be far away (a long run
+        # of rejected records), so a signal then stops at once (the last checkpoint is the consistent one).
+        self.reading = reading or (lambda: False)
         self.signal_name: str | None = None
         self.stopped_step: int | None = None
         self._previous: dict[int, Any] = {}
@@ -199,6 +212,8 @@ class GracefulStopCallback(TrainerCallback):
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
         signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+        if self.reading():
+            raise StopSignalled(signum)
         logger.warning("received %s: saving a checkpoint after this step, then stopping "
                        "(send it again to stop at once)", self.signal_name)
 
@@ -265,7 +280,8 @@ class EarlyStopOutcome(TrainerCallback):
 
 def attach_callbacks(trainer, stats: BatchStats, outcome: RunOutcome, data_state_fn: Callable[[int], Any] | None = None,
                      early_stopping_patience: int = 0, tensorboard: bool = True,
-                     save_total_limit: int | None | str = "from args") -> None:
+                     save_total_limit: int | None | str = "from args",
+                     reading: Callable[[], bool] | None = None) -> None:
     """Add this module's callbacks to `trainer`, in the order they need.
 
     ThroughputCallback goes right after DefaultFlowCallback: it must see the flow's should_evaluate,
@@ -292,7 +308,7 @@ def attach_callbacks(trainer, stats: BatchStats, outcome: RunOutcome, data_state
     if save_total_limit == "from args":
         save_total_limit = trainer.args.save_total_limit
     trainer.args.save_total_limit = None  # the Trainer would rotate before the new checkpoint is COMPLETE
-    callbacks += [GracefulStopCallback(outcome), CompletionMarkerCallback(data_state_fn, save_total_limit),
+    callbacks += [GracefulStopCallback(outcome, reading), CompletionMarkerCallback(data_state_fn, save_total_limit),
                   NonFiniteLossCallback(outcome)]
     for callback in callbacks:
         trainer.add_callback(callback)

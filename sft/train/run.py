@@ -28,7 +28,7 @@ from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
 from sft.tokens.stream import StreamOptions, TrainStream, count_records
 from sft.train.banner import dtype_line, start_banner
-from sft.train.callbacks import RunOutcome, TrainingStoppedError, attach_callbacks
+from sft.train.callbacks import RunOutcome, StopSignalled, TrainingStoppedError, attach_callbacks
 from sft.train.checkpoints import (
     Outcome,
     check_output_dir_shared,
@@ -194,6 +194,13 @@ def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] =
     try:
         finish(run, fit(run))
     except BaseException as err:
+        if isinstance(err, StopSignalled):
+            step = _global_step(run)
+            err.args = (f"{err} at step {step}; resume from the last complete checkpoint with "
+                        "--resume_from_checkpoint auto",)
+            if run.main_process:
+                write_run_end(output_dir, Outcome.SIGNALLED, str(err), global_step=step)
+            raise
         if run.main_process:
             outcome = Outcome.NONFINITE if isinstance(err, TrainingStoppedError) else Outcome.FAILED
             write_run_end(output_dir, outcome, f"{type(err).__name__}: {err}", global_step=_global_step(run))
@@ -254,6 +261,7 @@ def make_trainer(run: TrainingRun, model, args) -> Trainer:
     attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
                      early_stopping_patience=run.config.data.early_stopping_patience,
                      save_total_limit=run.config.training.save_total_limit,
+                     reading=lambda: run.stream.reading,
                      tensorboard="tensorboard" in (args.report_to or []))
     for callback in (run.sample_log, EngineReport(), *run.extra_callbacks):
         trainer.add_callback(callback)

@@ -119,3 +119,69 @@ def test_item5_overwrite_output_dir_clears_only_the_toolkits_files(tmp_path):
     _old_run(out, "--learning_rate", "0.001")
     claim_output_dir(_config(out, "--learning_rate", "0.002", "--overwrite_output_dir"))
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------------ item 6: nothing usable, stop signals
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def _long_answers(path, n):
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"conversations": [{"from": "human", "value": f"question {i} " + "word " * 30},
+                                                  {"from": "gpt", "value": "answer " * 30}]}) + "\n")
+
+
+def _hf_sft(out, data, *extra):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen([sys.executable, "hf_sft.py", "--model", "tiny-qwen2", "--report_to", "none",
+                             "--data", str(data), "--max_length", "16", "--max_steps", "3", "--precision", "fp32",
+                             "--output_dir", str(out), *extra], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_item6_every_record_dropped_stops_with_counts_and_the_fix(tmp_path):
+    data = tmp_path / "long.jsonl"
+    _long_answers(data, 40)
+    proc = _hf_sft(tmp_path / "run", data)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, stderr[-2000:]
+    assert "no usable sample" in stderr and "dropped=40" in stderr and "--max_length" in stderr, stderr[-2000:]
+    rejects = (tmp_path / "run" / "train_rejects-rank0.jsonl").read_text().splitlines()
+    assert len(rejects) <= 2 * 40  # at most two passes: the rejects file stays bounded
+
+
+def test_item6_sigterm_while_the_stream_reads_ends_within_seconds(tmp_path):
+    import json
+    import signal
+    import time
+
+    data = tmp_path / "long.jsonl"
+    _long_answers(data, 200_000)  # all dropped: the stream reads for a long time without a step
+    out = tmp_path / "run"
+    proc = _hf_sft(out, data)
+    try:
+        rejects = out / "train_rejects-rank0.jsonl"
+        deadline = time.time() + 90
+        while not rejects.is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)  # the stream is reading (after train begin: the handlers are in place)
+        assert rejects.is_file(), proc.communicate(timeout=5)[1][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        sent = time.time()
+        _, stderr = proc.communicate(timeout=30)
+        took = time.time() - sent
+    finally:
+        proc.kill()
+    assert took < 10, f"SIGTERM took {took:.0f} s"
+    assert proc.returncode == 143, stderr[-2000:]
+    assert json.loads((out / "run_end.json").read_text())["status"] == "stopped"
