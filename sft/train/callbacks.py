@@ -179,13 +179,14 @@ class NonFiniteLossCallback(TrainerCallback):
 
 
 class StopSignalled(KeyboardInterrupt):
-    """SIGTERM/SIGINT while the data stream was reading: the run stops at once, without a new checkpoint.
+    """SIGTERM/SIGINT while the data stream was reading (or outside the training loop: start-up, final
+    save): the run stops at once, without a new checkpoint.
     A KeyboardInterrupt, so no `except Exception` on the way (record readers) swallows it."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, where: str = "while reading training data") -> None:
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + int(signum)
-        super().__init__(f"stopped by {self.signal_name} while reading training data")
+        super().__init__(f"stopped by {self.signal_name} {where}")
 
 
 class GracefulStopCallback(TrainerCallback):

@@ -13,7 +13,10 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -179,33 +182,68 @@ def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] =
         # Decide the device before anything reads world_size/process_index (gloo on CPU).
         config.training = dataclasses.replace(config.training, use_cpu=True)
     set_seed(config.training.seed)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.model, config.model.trust_remote_code)
-    if config.data.preview:
-        return run_preview(config, tokenizer)
-    run = setup(config, tokenizer, tuple(extra_callbacks))
-    output_dir = run.args.output_dir
-    if run.main_process:
-        clear_run_end(output_dir)  # a resumed run is running again: watchers must keep waiting
-        trainable, total = count_parameters(run.model)
-        dtypes = dtype_line(parameter_dtypes(run.model), run.precision,
-                            full=config.method.finetuning_type in FULL_METHODS)
-        print(start_banner(config, trainable, total, world_size=run.args.world_size, max_steps=run.max_steps,
-                           dtypes=dtypes), flush=True)
-    try:
-        finish(run, fit(run))
-    except BaseException as err:
-        if isinstance(err, StopSignalled):
-            step = _global_step(run)
-            err.args = (f"{err} at step {step}; resume from the last complete checkpoint with "
-                        "--resume_from_checkpoint auto",)
-            if run.main_process:
-                write_run_end(output_dir, Outcome.SIGNALLED, str(err), global_step=step)
+    output_dir, main_process = config.training.output_dir, config.training.process_index == 0
+    run, claimed = None, False
+    with _signals_stop_start_up():
+        try:
+            tokenizer = load_tokenizer(config.model.tokenizer or config.model.model, config.model.trust_remote_code)
+            if config.data.preview:
+                return run_preview(config, tokenizer)
+            claim_output_dir(config, main_process)  # a refusal writes nothing into the other run's folder
+            claimed = True
+            run = setup(config, tokenizer, tuple(extra_callbacks))
+            if main_process:
+                clear_run_end(output_dir)  # a resumed run is running again: watchers must keep waiting
+                trainable, total = count_parameters(run.model)
+                dtypes = dtype_line(parameter_dtypes(run.model), run.precision,
+                                    full=config.method.finetuning_type in FULL_METHODS)
+                print(start_banner(config, trainable, total, world_size=run.args.world_size,
+                                   max_steps=run.max_steps, dtypes=dtypes), flush=True)
+            finish(run, fit(run))
+        except BaseException as err:
+            _explain_stop(err, run)
+            if claimed and main_process:
+                _write_failed_run_end(err, run, output_dir)
             raise
-        if run.main_process:
-            outcome = Outcome.NONFINITE if isinstance(err, TrainingStoppedError) else Outcome.FAILED
-            write_run_end(output_dir, outcome, f"{type(err).__name__}: {err}", global_step=_global_step(run))
-        raise
     return 0
+
+
+@contextmanager
+def _signals_stop_start_up():
+    """SIGTERM/SIGINT outside the training loop (start-up, final save) raise StopSignalled, so the run ends
+    through run_training's error path and writes run_end.json; GracefulStopCallback takes over while training."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StopSignalled(signum, "outside the training loop")
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _explain_stop(err: BaseException, run: "TrainingRun | None") -> None:
+    """A StopSignalled's message says where the run stopped and how to go on."""
+    if isinstance(err, StopSignalled):
+        step = _global_step(run) if run is not None else None
+        where = f"at step {step}" if step is not None else "during start-up"
+        err.args = (f"{err.args[0]} {where}; resume from the last complete checkpoint with "
+                    "--resume_from_checkpoint auto",)
+
+
+def _write_failed_run_end(err: BaseException, run: "TrainingRun | None", output_dir: str) -> None:
+    """run_end.json for a run that ends by an exception: stopped (a signal) or failed."""
+    step = _global_step(run) if run is not None else None
+    if isinstance(err, StopSignalled):
+        write_run_end(output_dir, Outcome.SIGNALLED, str(err), global_step=step)
+        return
+    outcome = Outcome.NONFINITE if isinstance(err, TrainingStoppedError) else Outcome.FAILED
+    write_run_end(output_dir, outcome, f"{type(err).__name__}: {err}", global_step=step)
 
 
 def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> TrainingRun:
@@ -216,7 +254,6 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
     encode_options = encode_options_for(config)
     stream_options = stream_options_for(config)
     max_steps = compute_max_steps(config, sources, world)
-    claim_output_dir(config, main_process=rank == 0)  # before the collective below: no rank reads while 0 deletes
     check_output_dir_shared(t.output_dir, rank, world)
     resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     topology = run_topology(world, t.per_device_train_batch_size, t.gradient_accumulation_steps)

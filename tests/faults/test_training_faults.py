@@ -185,3 +185,53 @@ def test_item6_sigterm_while_the_stream_reads_ends_within_seconds(tmp_path):
     assert took < 10, f"SIGTERM took {took:.0f} s"
     assert proc.returncode == 143, stderr[-2000:]
     assert json.loads((out / "run_end.json").read_text())["status"] == "stopped"
+
+
+# ------------------------------------------------------------------- item 7: every way training ends writes run_end
+
+
+def test_item7_sigterm_during_start_up_writes_run_end_stopped(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import sft.train.run as run_module
+    from sft.train.callbacks import StopSignalled
+    from sft.train.checkpoints import read_run_end
+
+    def killed_while_loading(config, tokenizer, extra=()):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before this returns
+        raise AssertionError("SIGTERM was not handled during start-up")
+
+    monkeypatch.setattr(run_module, "load_tokenizer", lambda *a: None)
+    monkeypatch.setattr(run_module, "setup", killed_while_loading)
+    config = _config(tmp_path / "run")
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(StopSignalled) as err:
+        run_module.run_training(config)
+    assert err.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) == previous  # restored
+    end = read_run_end(tmp_path / "run")
+    assert end is not None and end["status"] == "stopped", end
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_item7_a_start_up_error_writes_run_end_failed_but_never_into_another_runs_folder(tmp_path, monkeypatch):
+    import sft.train.run as run_module
+    from sft.train.checkpoints import read_run_end
+
+    def broken_setup(config, tokenizer, extra=()):
+        raise FileNotFoundError("model weights missing")
+
+    monkeypatch.setattr(run_module, "load_tokenizer", lambda *a: None)
+    monkeypatch.setattr(run_module, "setup", broken_setup)
+    with pytest.raises(FileNotFoundError):
+        run_module.run_training(_config(tmp_path / "run"))
+    assert read_run_end(tmp_path / "run")["status"] == "failed"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    _old_run(other, "--learning_rate", "0.001")
+    (other / "run_end.json").write_text('{"status": "finished"}')
+    with pytest.raises(ValueError, match="checkpoint-12"):
+        run_module.run_training(_config(other, "--learning_rate", "0.002"))
+    assert read_run_end(other) == {"status": "finished"}  # the other run's file is untouched
