@@ -27,6 +27,7 @@ def run_entry(main: Callable[[list[str]], int], argv: list[str] | None, prog: st
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # a stop signal handled by the program carries its exit code (128 + signal) and says how to go on
+        print(f"{prog}: {err or 'interrupted'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)

@@ -109,6 +109,9 @@ class DataArguments:
     general_eval: str | None = field(
         default=None, metadata={"help": "hf_sft_eval.py: general-ability prompts scored for forgetting."}
     )
+    # transformers 5 dropped TrainingArguments.overwrite_output_dir; the flag is ours (see sft/train/output_dir.py)
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start fresh in an output_dir used by another run: first delete that run's checkpoints and logs."})
 
     def problems(self) -> list[str]:
         out = []

@@ -23,7 +23,7 @@ STAGES = [
     # micro-batches -> Trainer -> checkpoints
     "sft.train", "sft.train.checkpoints", "sft.train.plots", "sft.train.linear_cross_entropy", "sft.train.loss",
     "sft.train.collator", "sft.train.export", "sft.train.methods", "sft.train.engine",
-    "sft.train.callbacks", "sft.train.banner", "sft.train.hybrid", "sft.train.run",
+    "sft.train.callbacks", "sft.train.banner", "sft.train.hybrid", "sft.train.output_dir", "sft.train.run",
     # checkpoints -> scores, answers, reports
     "sft.evaluate", "sft.evaluate.options", "sft.evaluate.inference", "sft.evaluate.metrics",
     "sft.evaluate.evaluator", "sft.evaluate.report", "sft.evaluate.cli", "sft.evaluate.chat",

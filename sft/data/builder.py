@@ -126,9 +126,8 @@ class BuildOptions:
         shares = [r for _, r in self.mix_pairs]
         if shares and any(not 0 < r < 1 for r in shares) or sum(shares) >= 1:
             out.append(f"--mix shares {shares}: each must be in (0, 1) and together below 1")
-        here = {os.path.abspath(p) for p in self.inputs + [m for m, _ in self.mix_pairs]}
-        if os.path.abspath(self.output) in here:
-            out.append(f"--output {self.output} is also an input; write to a new file")
+        if output_kind(self.output) is not None:
+            out += path_clashes(self)
         return out
 
 
@@ -184,6 +183,42 @@ def default_paths(opts: BuildOptions) -> dict[str, str]:
     if opts.stats:
         paths.update(stats_json=f"{stem}.stats.json", stats_md=f"{stem}.stats.md", stats_png=f"{stem}.stats.png")
     return paths
+
+
+_OUTPUT_FLAGS = {"output": "--output", "rejects": "--rejects", "duplicates": "--duplicates", "val": "--val_output",
+                 "stats_json": "--stats", "stats_md": "--stats", "stats_png": "--stats"}
+
+
+def _file_identity(path: str) -> tuple:
+    """What makes two spellings one file: (device, inode) when it exists (symlinks, hard links, `//x`),
+    else the resolved path."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
+def path_clashes(opts: BuildOptions) -> list[str]:
+    """Every output (side files and their default names included) that is an input or another output.
+    Outputs are replaced at the end of a build, so such a clash would overwrite an input."""
+    inputs = {}
+    for path in opts.inputs + [m for m, _ in opts.mix_pairs]:
+        if os.path.exists(path):  # hub ids are not files
+            inputs.setdefault(_file_identity(path), path)
+    out, seen = [], {}
+    for name, path in default_paths(opts).items():
+        flag = _OUTPUT_FLAGS[name]
+        given = getattr(opts, {"val": "val_output"}.get(name, name), None) if name != "output" else path
+        shown = path if given else f"{path} (default name for {flag})"
+        ident = _file_identity(path)
+        if ident in inputs:
+            out.append(f"{flag} {shown} is the same file as the input {inputs[ident]}; "
+                       f"writing it would overwrite the input: give {flag} a new file")
+        elif ident in seen:
+            out.append(f"{flag} {shown} is the same file as {seen[ident][0]} {seen[ident][1]}; give each output its own file")
+        seen.setdefault(ident, (flag, path))
+    return out
 
 
 class AtomicWriter:

@@ -205,9 +205,10 @@ def parse_error(text: bytes, exc: Exception) -> RecordError:
     return RecordError("invalid_json", f"not valid JSON ({exc}); fix or remove this record")
 
 
-# A JSON string (escapes included; unrolled so it never backtracks), or one structural byte. A lone '"'
-# matches only when its string is not terminated yet within the buffer.
-_ARRAY_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},"]', re.S)
+# Outside strings: the next structural byte. Inside a string: its body up to the closing quote, a raw
+# newline (never inside a valid JSON string) or the buffer's end; escapes included, never backtracking.
+_STRUCTURAL = re.compile(rb'[\[\]{},"]')
+_STRING_BODY = re.compile(rb'[^"\\\n]*(?:\\[^\n][^"\\\n]*)*')
 
 
 class _LineCounter:
@@ -226,10 +227,31 @@ class _LineCounter:
         self.pos = 0
 
 
+class _Window:
+    """The unread part of the file from the current element's start; grows geometrically while an element
+    is incomplete, so an element of n bytes costs O(n) reads, copies and scans, not O(n^2 / chunk)."""
+
+    def __init__(self, f: BinaryIO, buf: bytes, base: int, lines: _LineCounter) -> None:
+        self.f, self.buf, self.base, self.lines = f, buf, base, lines
+
+    def grow(self, start: int) -> tuple[bool, int]:
+        """Drop what precedes `start` and read more: (got more?, how far positions moved back)."""
+        more = self.f.read(max(_CHUNK, len(self.buf) - start))
+        if not more:
+            return False, 0
+        self.lines.rebase(self.buf, start)
+        self.base += start
+        self.buf = self.buf[start:] + more
+        return True, start
+
+
 def _iter_json_array(f: BinaryIO, source: str, position: dict | None = None) -> Iterator[RawRecord]:
     """Split a top-level JSON array into elements without loading the file: track string/nesting
-    state with one regex over a sliding buffer and parse each complete element with orjson.
+    state over a growing window and parse each complete element with orjson.
 
+    A string that meets a raw newline (impossible in valid JSON: an unescaped '"' flipped the string
+    state) makes its element a reject; reading resynchronises at the next line that starts an element at
+    the same indentation, so one stray quote never swallows the rest of the file.
     From a `position`, `f` stands just after the ',' that ended an element (nesting depth 0 there),
     or just after the closing ']' ("closed")."""
     lines = _LineCounter()
@@ -245,43 +267,103 @@ def _iter_json_array(f: BinaryIO, source: str, position: dict | None = None) -> 
             yield from _trailing_data(f, b"", 0, lines, source, emitted)
             return
         buf, pos, bom, after_comma = f.read(_CHUNK), 0, False, True
-    start, depth = pos, 0
+    win = _Window(f, buf, base, lines)
+    start, depth, in_string = pos, 0, False
     while True:
-        m = _ARRAY_TOKEN.search(buf, pos)
-        unterminated = m is not None and m.end() - m.start() == 1 and buf[m.start()] == 0x22
-        if m is None or unterminated:
-            more = f.read(_CHUNK)
-            if not more or len(buf) - start > MAX_ELEMENT_BYTES:
-                rec = _truncated(buf, start, lines, source, emitted, after_comma, bool(more))
-                rec.position = {"records": emitted + 1, "end": True}
-                yield rec
-                return
-            lines.rebase(buf, start)
-            resume = (m.start() if unterminated else len(buf)) - start
-            base += start
-            buf, pos, start = buf[start:] + more, resume, 0
-            continue
-        tok = buf[m.start()]
-        pos = m.end()
-        if tok in b"[{":
-            depth += 1
-        elif tok in b"]}" and depth > 0:
-            depth -= 1
-        elif depth == 0 and tok in b",]":
-            elem = buf[start:m.start()]
-            if elem.strip() or tok == 0x2C or after_comma:
-                rec = _array_element(elem, buf, start, lines, source)
-                if bom and emitted == 0:
-                    rec.error, rec.data = parse_error(BOM, ValueError()), None
+        buf = win.buf
+        if in_string:
+            end = _STRING_BODY.match(buf, pos).end()
+            if end < len(buf) and buf[end] == 0x22:
+                pos, in_string = end + 1, False
+                continue
+            if end < len(buf) - 1 or (end < len(buf) and buf[end] != 0x5C):  # a raw newline: out of step
+                rec, start = _resync(win, start, end, source)
                 emitted += 1
-                rec.position = {"records": emitted, "offset": base + pos, "line": lines.at(buf, pos)}
-                if tok == 0x5D:
-                    rec.position["closed"] = True
-                yield rec
-            start, after_comma = pos, tok == 0x2C
-            if tok == 0x5D:  # ']': the array is closed
-                yield from _trailing_data(f, buf, pos, lines, source, emitted)
-                return
+                yield _positioned(rec, emitted, win, start)
+                if rec.position.get("end"):
+                    return
+                pos, depth, in_string, after_comma = start, 0, False, True
+                continue
+            pos = end  # the string goes on past the window (maybe after a trailing backslash)
+        else:
+            m = _STRUCTURAL.search(buf, pos)
+            if m is not None:
+                tok, pos = buf[m.start()], m.end()
+                if tok == 0x22:
+                    in_string = True
+                elif tok in b"[{":
+                    depth += 1
+                elif tok in b"]}" and depth > 0:
+                    depth -= 1
+                elif depth == 0 and tok in b",]":
+                    elem = buf[start:m.start()]
+                    if elem.strip() or tok == 0x2C or after_comma:
+                        rec = _array_element(elem, buf, start, lines, source)
+                        if bom and emitted == 0:
+                            rec.error, rec.data = parse_error(BOM, ValueError()), None
+                        emitted += 1
+                        rec.position = {"records": emitted, "offset": win.base + pos, "line": lines.at(buf, pos)}
+                        if tok == 0x5D:
+                            rec.position["closed"] = True
+                        yield rec
+                    start, after_comma = pos, tok == 0x2C
+                    if tok == 0x5D:  # ']': the array is closed
+                        yield from _trailing_data(f, buf, pos, lines, source, emitted)
+                        return
+                continue
+            pos = len(buf)
+        grew, moved = win.grow(start) if len(buf) - start <= MAX_ELEMENT_BYTES else (False, 0)
+        if not grew:
+            rec = _truncated(buf, start, lines, source, emitted, after_comma, len(buf) - start > MAX_ELEMENT_BYTES)
+            rec.position = {"records": emitted + 1, "end": True}
+            yield rec
+            return
+        pos, start = pos - moved, start - moved
+
+
+def _positioned(rec: RawRecord, emitted: int, win: _Window, start: int) -> RawRecord:
+    if rec.position is None:
+        rec.position = {"records": emitted, "offset": win.base + start, "line": win.lines.at(win.buf, start)}
+    else:
+        rec.position["records"] = emitted
+    return rec
+
+
+def _resync(win: _Window, start: int, broken: int, source: str) -> tuple[RawRecord, int]:
+    """The element from `start` has a string broken at `broken` (a raw newline): reject it up to the ',' before
+    the next line that opens an element at its indentation; returns (reject, index after that ',')."""
+    buf = win.buf
+    first = start + len(buf[start:]) - len(buf[start:].lstrip())
+    bad_line = win.lines.at(buf, first) + buf.count(b"\n", first, broken)
+    line_start = buf.rfind(b"\n", 0, first) + 1
+    indent = buf[line_start:first]
+    if line_start == 0 or indent.strip():  # the element shares its line: any indentation
+        indent = rb"[ \t]*"
+    else:
+        indent = re.escape(indent)
+    boundary = re.compile(rb",[ \t\r]*\n(?:[ \t\r]*\n)*" + indent + re.escape(buf[first:first + 1]))
+    look = max(first, buf.rfind(b"\n", 0, broken) + 1)  # the broken line's own ',' may end this element
+    while True:
+        m = boundary.search(win.buf, look)
+        if m is not None:
+            break
+        look = max(broken, len(win.buf) - 4096)
+        grew, moved = win.grow(start)
+        broken, look, start, first = broken - moved, look - moved, start - moved, first - moved
+        if not grew:
+            break
+    buf = win.buf
+    detail = (f"a string runs past the end of line {bad_line}: an unescaped '\"' inside a string (write it as \\\"); "
+              "the elements after this one are read normally")
+    if m is None:  # the broken element is the last one: it ends at the closing ']'
+        rest = buf[first:].rstrip()
+        elem = rest[:-1] if rest.endswith(b"]") else rest
+        rec = RawRecord(source, win.lines.at(buf, first), None, elem.rstrip()[:1 << 20],
+                        RecordError("invalid_json", detail), {"end": True})
+        return rec, len(buf)
+    elem = buf[first:m.start()].rstrip()
+    rec = RawRecord(source, win.lines.at(buf, first), None, elem[:1 << 20], RecordError("invalid_json", detail))
+    return rec, m.start() + 1
 
 
 def _array_element(elem: bytes, buf: bytes, start: int, lines: _LineCounter, source: str) -> RawRecord:

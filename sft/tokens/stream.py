@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -84,6 +85,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         self._formats: dict[str, str] = {}  # source -> format, detected once per file from its first record
         self._cycles: dict[int, dict] = {}  # cycle index -> {"start": batch index, "n": count, "state": ...}
         self._resume: dict | None = None
+        self.reject_reasons: Counter = Counter()  # reason -> records rejected or dropped by this process
+        self.reading = False  # True while the stream reads records (no training step is running)
 
     # ---- resume
 
@@ -121,7 +124,11 @@ class TrainStream(torch.utils.data.IterableDataset):
         self._cycles.clear()
         while True:
             start_state = _reader_to_state(reader)
-            samples = self._read_cycle(reader)
+            self.reading = True
+            try:
+                samples = self._read_cycle(reader)
+            finally:
+                self.reading = False
             rng = random.Random(f"{options.seed}:{cycle_index}")
             batches = plan_batches(samples, options, rng)
             self._cycles[cycle_index] = {"start": emitted, "n": len(batches), "state": start_state}
@@ -141,28 +148,39 @@ class TrainStream(torch.utils.data.IterableDataset):
         """Read up to `shuffle_buffer` encoded samples of this rank, advancing the reader."""
         samples: list[dict] = []
         budget = self.options.shuffle_buffer
-        empty_epochs = 0
+        # A cycle keeps reading until it has a sample: with none usable it would read (and write rejects)
+        # forever. Stop once a whole pass gave nothing: the first epoch end when this cycle began at an
+        # epoch start, else the second (the pass that began mid-epoch may have had samples earlier).
+        at_epoch_start = reader.source == 0 and all(p is None for p in reader.positions)
+        empty_ends = 0
         while len(samples) < budget:
-            got_any = False
             for sample in self._read_some(reader, budget - len(samples)):
-                got_any = True
                 if sample is not None:
                     samples.append(sample)
-            if samples or got_any:
-                empty_epochs = 0
-            else:
-                empty_epochs += 1
-                if empty_epochs > 1:
-                    raise ValueError(
-                        "the training data yielded no usable sample for this process in a whole epoch: every "
-                        f"record was rejected or dropped (see {self.rejects_path}); check --data / --max_length")
             if reader.source == -1:  # epoch finished inside this cycle: close the cycle there
+                if not samples:
+                    empty_ends += 1
+                    if empty_ends >= (1 if at_epoch_start else 2):
+                        raise ValueError(self._nothing_usable_message())
                 reader.source = 0
                 reader.epoch += 1
                 reader.restart(len(self.sources))
                 if samples:
                     break
         return samples
+
+    def _nothing_usable_message(self) -> str:
+        counts = " ".join(f"{reason}={n}" for reason, n in self.reject_reasons.most_common()) or "no records"
+        fixes = []
+        if self.reject_reasons.get("dropped"):
+            fixes.append(f"'dropped' records have no trained token within --max_length "
+                         f"{self.encode_options.max_length}: raise --max_length")
+        if set(self.reject_reasons) - {"dropped"}:
+            fixes.append("fix or convert the data (sft_data_builder.py writes every bad record with its reason)")
+        if not self.reject_reasons:
+            fixes.append("this process's share of --data is empty: give more records or fewer processes")
+        return (f"no usable sample in a whole pass over the training data (process {self.rank}): every record was "
+                f"rejected or dropped, by reason: {counts} (each is in {self.rejects_path}). Fix: {'; '.join(fixes)}")
 
     def _read_some(self, reader: ReaderState, want: int) -> Iterator[dict | None]:
         """Yield up to `want` records (encoded sample, or None when rejected) from the current source."""
@@ -254,6 +272,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def _write_reject(self, source: Source, rec: RawRecord, reason: str, detail: str) -> None:
         """One row of the rejects file, shaped like the builder's: reason is a code of REASONS."""
+        self.reject_reasons[reason] += 1
         if not self.rejects_path:
             return
         Path(self.rejects_path).parent.mkdir(parents=True, exist_ok=True)

@@ -178,6 +178,17 @@ class NonFiniteLossCallback(TrainerCallback):
             self._stop(control)
 
 
+class StopSignalled(KeyboardInterrupt):
+    """SIGTERM/SIGINT while the data stream was reading (or outside the training loop: start-up, final
+    save): the run stops at once, without a new checkpoint.
+    A KeyboardInterrupt, so no `except Exception` on the way (record readers) swallows it."""
+
+    def __init__(self, signum: int, where: str = "while reading training data") -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + int(signum)
+        super().__init__(f"stopped by {self.signal_name} {where}")
+
+
 class GracefulStopCallback(TrainerCallback):
     """SIGTERM/SIGINT: finish the current step (or evaluation), save a checkpoint, stop cleanly.
 
@@ -190,8 +201,11 @@ class GracefulStopCallback(TrainerCallback):
 
     SIGNALS = ("SIGTERM", "SIGINT")
 
-    def __init__(self, outcome: "RunOutcome") -> None:
+    def __init__(self, outcome: "RunOutcome", reading: Callable[[], bool] | None = None) -> None:
         self.outcome = outcome
+        # True while the data stream reads between steps: a step boundary may be far away (a long run
+        # of rejected records), so a signal then stops at once (the last checkpoint is the consistent one).
+        self.reading = reading or (lambda: False)
         self.signal_name: str | None = None
         self.stopped_step: int | None = None
         self._previous: dict[int, Any] = {}
@@ -199,6 +213,8 @@ class GracefulStopCallback(TrainerCallback):
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
         signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+        if self.reading():
+            raise StopSignalled(signum)
         logger.warning("received %s: saving a checkpoint after this step, then stopping "
                        "(send it again to stop at once)", self.signal_name)
 
@@ -264,13 +280,18 @@ class EarlyStopOutcome(TrainerCallback):
 
 
 def attach_callbacks(trainer, stats: BatchStats, outcome: RunOutcome, data_state_fn: Callable[[int], Any] | None = None,
-                     early_stopping_patience: int = 0, tensorboard: bool = True) -> None:
+                     early_stopping_patience: int = 0, tensorboard: bool = True,
+                     save_total_limit: int | None | str = "from args",
+                     reading: Callable[[], bool] | None = None) -> None:
     """Add this module's callbacks to `trainer`, in the order they need.
 
     ThroughputCallback goes right after DefaultFlowCallback: it must see the flow's should_evaluate,
     and its keys must be in the logs dict before TensorBoard, train_log.jsonl and the progress bar
     read it. NonFiniteLossCallback goes last so its "no save" wins over every other callback.
     Early stopping needs the args of checkpoint_args_overrides(has_eval=True) (metric_for_best_model).
+    Rotation moves from the Trainer to CompletionMarkerCallback (after COMPLETE): save_total_limit is taken
+    from trainer.args unless given (callers whose args object is shared between trainers pass it), and the
+    Trainer's own is set to None.
     """
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import DefaultFlowCallback
@@ -285,7 +306,10 @@ def attach_callbacks(trainer, stats: BatchStats, outcome: RunOutcome, data_state
     if early_stopping_patience:
         early = EarlyStoppingCallback(early_stopping_patience)
         callbacks += [early, EarlyStopOutcome(early, outcome)]
-    callbacks += [GracefulStopCallback(outcome), CompletionMarkerCallback(data_state_fn),
+    if save_total_limit == "from args":
+        save_total_limit = trainer.args.save_total_limit
+    trainer.args.save_total_limit = None  # the Trainer would rotate before the new checkpoint is COMPLETE
+    callbacks += [GracefulStopCallback(outcome, reading), CompletionMarkerCallback(data_state_fn, save_total_limit),
                   NonFiniteLossCallback(outcome)]
     for callback in callbacks:
         trainer.add_callback(callback)

@@ -5,7 +5,9 @@
     `{"step": N, "time": <unix seconds>}`. Never load a checkpoint without it: it may be half-written
     or left over from a crash. `complete_checkpoints(output_dir)` applies this rule (the one listing;
     `latest_complete_checkpoint` and the evaluator use it).
-  * Rotation (`save_total_limit`) may delete ANY older checkpoint at any time, also one that the
+  * Rotation (`save_total_limit`) belongs to this contract, not to the Trainer: it runs only after the
+    new checkpoint's COMPLETE is written (`rotate_checkpoints_after_complete`), so a kill at any moment
+    leaves a complete checkpoint to resume. It may delete ANY older checkpoint at any time, also one that the
     evaluator is reading. The evaluator must tolerate this: treat FileNotFoundError/OSError while
     loading as "checkpoint gone, skip it" (files it has already opened stay readable on POSIX).
   * When training writes a checkpoint-N folder that already exists (a restarted run reaching the
@@ -29,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from enum import Enum
@@ -76,17 +79,48 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / COMPLETE_MARKER).is_file()
 
 
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """[(N, run_dir/checkpoint-N), ...] for every checkpoint with a COMPLETE marker, by step."""
+def _checkpoint_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """[(N, run_dir/checkpoint-N), ...] for every checkpoint folder, complete or not, by step."""
     root = Path(run_dir)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = CHECKPOINT_RE.match(child.name)
-        if match and is_complete_checkpoint(child):
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """[(N, run_dir/checkpoint-N), ...] for every checkpoint with a COMPLETE marker, by step."""
+    return [(step, path) for step, path in _checkpoint_folders(run_dir) if is_complete_checkpoint(path)]
+
+
+def rotate_checkpoints_after_complete(run_dir: str | os.PathLike, save_total_limit: int | None, newest: Path,
+                                      best: str | os.PathLike | None = None) -> None:
+    """Keep at most `save_total_limit` complete checkpoints; call after `newest`'s COMPLETE is written.
+
+    `newest` and `best` (the Trainer's best_model_checkpoint) are never deleted, as in the Trainer's own
+    rotation. Incomplete folders older than `newest` (left by a kill while saving) can never be resumed: removed.
+    """
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    newest = Path(newest)
+    protected = {newest.resolve()} | ({Path(best).resolve()} if best else set())
+    newest_step = int(CHECKPOINT_RE.match(newest.name).group(1))
+    for step, path in _checkpoint_folders(run_dir):
+        if step < newest_step and not is_complete_checkpoint(path):
+            shutil.rmtree(path, ignore_errors=True)
+    complete = complete_checkpoints(run_dir)
+    keep = max(save_total_limit, sum(1 for _, path in complete if path.resolve() in protected))
+    remaining = len(complete)
+    for _, path in complete:
+        if remaining <= keep:
+            break
+        if path.resolve() not in protected:
+            shutil.rmtree(path, ignore_errors=True)
+            remaining -= 1
 
 
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -98,8 +132,8 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | None:
     """--resume_from_checkpoint -> a complete checkpoint folder, or None to start fresh.
 
-    "auto" takes the latest complete checkpoint in output_dir (none: start fresh); a folder must
-    exist and be complete.
+    "auto" takes the latest complete checkpoint in output_dir (no checkpoint at all: start fresh;
+    checkpoints but none complete: an error, never a silent fresh start); a folder must exist and be complete.
     """
     if not value:
         return None
@@ -107,9 +141,16 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | No
         found = latest_complete_checkpoint(output_dir)
         if found:
             logger.info("Resuming from %s", found)
-        else:
-            logger.info("--resume_from_checkpoint auto: no complete checkpoint in %s, starting fresh", output_dir)
-        return found
+            return found
+        unfinished = _checkpoint_folders(output_dir)
+        if unfinished:
+            names = ", ".join(path.name for _, path in unfinished)
+            raise ValueError(
+                f"--resume_from_checkpoint auto: {output_dir} holds checkpoints ({names}) but none is complete "
+                "(no COMPLETE marker: the run was killed while saving). Nothing can be resumed; to start over, "
+                "use a new --output_dir (or remove those folders).")
+        logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting fresh", output_dir)
+        return None
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
     if not is_complete_checkpoint(value):
@@ -305,10 +346,15 @@ def finish_checkpoint(folder: str | os.PathLike, step: int, data_state: Any, arg
 
 
 class CompletionMarkerCallback(TrainerCallback):
-    """After each save: write the data position, wait for every process, then COMPLETE last."""
+    """After each save: write the data position, wait for every process, then COMPLETE last, then rotate.
 
-    def __init__(self, data_state_fn: Callable[[int], Any] | None = None):
+    The Trainer's own rotation runs before on_save, i.e. before COMPLETE: give the Trainer
+    save_total_limit=None and this callback the limit (attach_callbacks does both).
+    """
+
+    def __init__(self, data_state_fn: Callable[[int], Any] | None = None, save_total_limit: int | None = None):
         self.data_state_fn = data_state_fn
+        self.save_total_limit = save_total_limit
 
     def _checkpoint_dir(self, args, state) -> Path:
         return Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -327,6 +373,9 @@ class CompletionMarkerCallback(TrainerCallback):
         folder = self._checkpoint_dir(args, state)
         data_state = self.data_state_fn(state.global_step) if self.data_state_fn is not None else None
         finish_checkpoint(folder, state.global_step, data_state, args)
+        if args.should_save:
+            rotate_checkpoints_after_complete(args.output_dir, self.save_total_limit, folder,
+                                              best=state.best_model_checkpoint)
 
 
 def checkpoint_args_overrides(has_eval: bool) -> dict[str, Any]:

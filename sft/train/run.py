@@ -13,7 +13,10 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +31,7 @@ from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
 from sft.tokens.stream import StreamOptions, TrainStream, count_records
 from sft.train.banner import dtype_line, start_banner
-from sft.train.callbacks import RunOutcome, TrainingStoppedError, attach_callbacks
+from sft.train.callbacks import RunOutcome, StopSignalled, TrainingStoppedError, attach_callbacks
 from sft.train.checkpoints import (
     Outcome,
     check_output_dir_shared,
@@ -53,6 +56,7 @@ from sft.train.methods import (
     prepare_model,
     save_final,
 )
+from sft.train.output_dir import claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -178,26 +182,68 @@ def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] =
         # Decide the device before anything reads world_size/process_index (gloo on CPU).
         config.training = dataclasses.replace(config.training, use_cpu=True)
     set_seed(config.training.seed)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.model, config.model.trust_remote_code)
-    if config.data.preview:
-        return run_preview(config, tokenizer)
-    run = setup(config, tokenizer, tuple(extra_callbacks))
-    output_dir = run.args.output_dir
-    if run.main_process:
-        clear_run_end(output_dir)  # a resumed run is running again: watchers must keep waiting
-        trainable, total = count_parameters(run.model)
-        dtypes = dtype_line(parameter_dtypes(run.model), run.precision,
-                            full=config.method.finetuning_type in FULL_METHODS)
-        print(start_banner(config, trainable, total, world_size=run.args.world_size, max_steps=run.max_steps,
-                           dtypes=dtypes), flush=True)
-    try:
-        finish(run, fit(run))
-    except BaseException as err:
-        if run.main_process:
-            outcome = Outcome.NONFINITE if isinstance(err, TrainingStoppedError) else Outcome.FAILED
-            write_run_end(output_dir, outcome, f"{type(err).__name__}: {err}", global_step=_global_step(run))
-        raise
+    output_dir, main_process = config.training.output_dir, config.training.process_index == 0
+    run, claimed = None, False
+    with _signals_stop_start_up():
+        try:
+            tokenizer = load_tokenizer(config.model.tokenizer or config.model.model, config.model.trust_remote_code)
+            if config.data.preview:
+                return run_preview(config, tokenizer)
+            claim_output_dir(config, main_process)  # a refusal writes nothing into the other run's folder
+            claimed = True
+            run = setup(config, tokenizer, tuple(extra_callbacks))
+            if main_process:
+                clear_run_end(output_dir)  # a resumed run is running again: watchers must keep waiting
+                trainable, total = count_parameters(run.model)
+                dtypes = dtype_line(parameter_dtypes(run.model), run.precision,
+                                    full=config.method.finetuning_type in FULL_METHODS)
+                print(start_banner(config, trainable, total, world_size=run.args.world_size,
+                                   max_steps=run.max_steps, dtypes=dtypes), flush=True)
+            finish(run, fit(run))
+        except BaseException as err:
+            _explain_stop(err, run)
+            if claimed and main_process:
+                _write_failed_run_end(err, run, output_dir)
+            raise
     return 0
+
+
+@contextmanager
+def _signals_stop_start_up():
+    """SIGTERM/SIGINT outside the training loop (start-up, final save) raise StopSignalled, so the run ends
+    through run_training's error path and writes run_end.json; GracefulStopCallback takes over while training."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StopSignalled(signum, "outside the training loop")
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _explain_stop(err: BaseException, run: "TrainingRun | None") -> None:
+    """A StopSignalled's message says where the run stopped and how to go on."""
+    if isinstance(err, StopSignalled):
+        step = _global_step(run) if run is not None else None
+        where = f"at step {step}" if step is not None else "during start-up"
+        err.args = (f"{err.args[0]} {where}; resume from the last complete checkpoint with "
+                    "--resume_from_checkpoint auto",)
+
+
+def _write_failed_run_end(err: BaseException, run: "TrainingRun | None", output_dir: str) -> None:
+    """run_end.json for a run that ends by an exception: stopped (a signal) or failed."""
+    step = _global_step(run) if run is not None else None
+    if isinstance(err, StopSignalled):
+        write_run_end(output_dir, Outcome.SIGNALLED, str(err), global_step=step)
+        return
+    outcome = Outcome.NONFINITE if isinstance(err, TrainingStoppedError) else Outcome.FAILED
+    write_run_end(output_dir, outcome, f"{type(err).__name__}: {err}", global_step=step)
 
 
 def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> TrainingRun:
@@ -251,6 +297,8 @@ def make_trainer(run: TrainingRun, model, args) -> Trainer:
     apply_requested_engine(trainer)  # FSDP on CPU, or a loud warning when the launch asked for another engine
     attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
                      early_stopping_patience=run.config.data.early_stopping_patience,
+                     save_total_limit=run.config.training.save_total_limit,
+                     reading=lambda: run.stream.reading,
                      tensorboard="tensorboard" in (args.report_to or []))
     for callback in (run.sample_log, EngineReport(), *run.extra_callbacks):
         trainer.add_callback(callback)

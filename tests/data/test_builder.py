@@ -303,7 +303,7 @@ def test_separate_bad_files(tmp_path, capsys):
     (["{src}", "--output", "x.txt"], "must end with .json"),
     (["{src}", "--output", "x.jsonl", "--val_ratio", "1.5"], "--val_ratio 1.5"),
     (["{src}", "--output", "x.jsonl", "--mix", "general.jsonl"], "expected FILE:SHARE"),
-    (["{src}", "--output", "{src}"], "is also an input"),
+    (["{src}", "--output", "{src}"], "is the same file as the input"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

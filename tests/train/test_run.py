@@ -53,7 +53,9 @@ def test_a_failing_final_save_writes_run_end_failed(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError("No space left on device")
 
-    config = SimpleNamespace(training=SimpleNamespace(use_cpu=True, seed=0), data=SimpleNamespace(preview=0),
+    config = SimpleNamespace(training=SimpleNamespace(use_cpu=True, seed=0, output_dir=str(tmp_path), process_index=0,
+                                                      resume_from_checkpoint=None),
+                             data=SimpleNamespace(preview=0, overwrite_output_dir=False),
                              model=SimpleNamespace(tokenizer=None, model="tiny-qwen2", trust_remote_code=False),
                              method=SimpleNamespace(finetuning_type="full"))
     stub = stub_run(tmp_path, Outcome.FINISHED)
