@@ -385,8 +385,10 @@ def serve_main(argv: list[str]) -> int:
     if options.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         logger.warning("serving on %s without --api_key: anyone who reaches this port can use the model",
                        options.host)
+    # log_config=None: uvicorn's own logging.config.dictConfig would first close every handler the process has
+    # (logging.shutdown); its records go to our root handler instead.
     config = uvicorn.Config(create_app(served, options), host=options.host, port=options.port, log_level="info",
-                            timeout_graceful_shutdown=options.shutdown_seconds, access_log=False)
+                            timeout_graceful_shutdown=options.shutdown_seconds, access_log=False, log_config=None)
     server = uvicorn.Server(config)
     print(f"serving {served.name!r} on http://{options.host}:{options.port}/v1 (context {served.max_context} "
           f"tokens{', API key required' if options.api_key else ''})", flush=True)

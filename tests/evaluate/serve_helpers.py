@@ -65,8 +65,10 @@ class ThreadServer:
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # log_config=None as in serve_main: uvicorn's dictConfig would close every existing logging handler, and
+        # a handler that closes its stream on close (absl's, from rouge_score) would close pytest's capture file.
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=graceful_seconds))
+                                                    timeout_graceful_shutdown=graceful_seconds, log_config=None))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadServer":
