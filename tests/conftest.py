@@ -25,3 +25,16 @@ def smol():
     from sft.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(autouse=True)
+def _restore_stop_signal_handlers():
+    """A test that trains with the HF Trainer directly and stops with an exception never reaches on_train_end,
+    where GracefulStopCallback gives SIGTERM/SIGINT back: restore them so the next test starts clean."""
+    import signal
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        if handler is not None and signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)

@@ -100,8 +100,8 @@ def test_batch_stats_is_a_fifo_of_token_counts():
     stats.record({"input_ids": torch.ones(1, 12, dtype=torch.long),  # packed row: no mask, no pads
                   "labels": torch.tensor([[-100] * 4 + [1] * 8])})
     stats.record(pad_collate([{"input_ids": [1, 2, 3, 4, 5]}]))
-    assert stats.pop(2) == {"real_tokens": 24, "supervised_tokens": 14, "padded_tokens": 8}
-    assert stats.pop(1) == {"real_tokens": 5, "supervised_tokens": 2, "padded_tokens": 5}
+    assert stats.pop(2) == {"real_tokens": 24, "supervised_tokens": 14, "padded_tokens": 8, "samples": 0}
+    assert stats.pop(1) == {"real_tokens": 5, "supervised_tokens": 2, "padded_tokens": 5, "samples": 0}
     assert stats.pop(1) is None
     stats.paused = True
     stats.record(pad_collate([{"input_ids": [1, 2, 3, 4, 5]}]))
