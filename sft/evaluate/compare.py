@@ -30,7 +30,12 @@ from pathlib import Path
 
 from sft.config import load_run_config, parse_args
 from sft.evaluate.evaluator import PromptItem, _resolve, read_prompt_items
-from sft.evaluate.inference import Generated, generate_answers, load_for_inference, prompt_ids
+from sft.evaluate.inference import (
+    Generated,
+    generate_answers,
+    load_for_inference,
+    prompt_ids,
+)
 from sft.evaluate.options import CompareArguments, GenerationOptions
 
 logger = logging.getLogger(__name__)

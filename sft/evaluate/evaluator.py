@@ -34,10 +34,14 @@ from sft.evaluate.inference import (
 from sft.evaluate.options import EvalArguments, GenerationOptions
 from sft.files import write_text_atomic
 from sft.models import load_model
+from sft.tokens.collate import StreamOptions
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
-from sft.tokens.stream import StreamOptions
-from sft.train.checkpoints import complete_checkpoints, is_complete_checkpoint, read_run_end
+from sft.train.checkpoints import (
+    complete_checkpoints,
+    is_complete_checkpoint,
+    read_run_end,
+)
 from sft.train.loss import attach_chunked_loss
 from sft.train.run import encode_options_for
 

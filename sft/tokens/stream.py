@@ -39,7 +39,6 @@ import torch
 
 from sft.data.formats import normalize_records
 from sft.data.sources import RawRecord, Source, iter_raw_records
-from sft.data.sources import count_records as count_file_records
 from sft.tokens.collate import StreamOptions, collate_batch
 from sft.tokens.encoding import EncodeOptions, EncodeStats, encode_conversation
 from sft.tokens.plan import plan_batches
@@ -311,11 +310,3 @@ def _listify(value: Any) -> Any:
 
 def _tuplify(value: Any) -> Any:
     return tuple(_tuplify(v) for v in value) if isinstance(value, (tuple, list)) else value
-
-
-# ------------------------------------------------------------------------------------ batches
-
-
-def count_records(sources: list[Source]) -> int:
-    """Records of all sources (for --num_train_epochs); JSON lines are counted without parsing."""
-    return sum(count_file_records(source.path) for source in sources)

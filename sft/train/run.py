@@ -25,13 +25,19 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from sft.config import ConfigError, SFTConfig, write_resolved_config
-from sft.data.sources import parse_sources
+from sft.data.sources import count_records, parse_sources
 from sft.models import load_tokenizer
+from sft.tokens.collate import StreamOptions
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
-from sft.tokens.stream import StreamOptions, TrainStream, count_records
+from sft.tokens.stream import TrainStream
 from sft.train.banner import dtype_line, start_banner
-from sft.train.callbacks import RunOutcome, StopSignalled, TrainingStoppedError, attach_callbacks
+from sft.train.callbacks import (
+    RunOutcome,
+    StopSignalled,
+    TrainingStoppedError,
+    attach_callbacks,
+)
 from sft.train.checkpoints import (
     Outcome,
     check_output_dir_shared,
@@ -116,7 +122,7 @@ def compute_max_steps(config: SFTConfig, sources, world_size: int) -> int:
         return t.max_steps
     if any(not os.path.exists(s.path) for s in sources):
         raise ValueError("a hub dataset is streamed: give --max_steps (its length is unknown)")
-    records = count_records(sources) - (config.data.val_size if not config.data.val_data else 0)
+    records = sum(count_records(s.path) for s in sources) - (config.data.val_size if not config.data.val_data else 0)
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     steps = math.ceil(records * t.num_train_epochs / per_step)
     logger.info("--num_train_epochs %.2f over %d records -> %d steps", t.num_train_epochs, records, steps)
