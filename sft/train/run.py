@@ -206,12 +206,25 @@ def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] =
                 print(start_banner(config, trainable, total, world_size=run.args.world_size,
                                    max_steps=run.max_steps, dtypes=dtypes), flush=True)
             finish(run, fit(run))
+            _leave_process_group()
         except BaseException as err:
             _explain_stop(err, run)
             if claimed and main_process:
                 _write_failed_run_end(err, run, output_dir)
             raise
     return 0
+
+
+def _leave_process_group() -> None:
+    """After a finished run: wait for every rank, then shut the process group down before the interpreter exits.
+
+    A rank that exits with its gloo/NCCL group still alive while another rank is still writing (rank 0's
+    run_end.json) can abort in the group's destructor ("terminate called without an active exception",
+    SIGABRT), which fails the whole launch although training finished.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 @contextmanager
