@@ -71,6 +71,8 @@ REASONS = {
     "mixed_text_and_chat": "plain-text records and conversations cannot share one output file",
     "cannot_render": "training: the chat template cannot render the conversation with this tokenizer",
     "dropped": "training: no trained token is left within --max_length, so the record is skipped",
+    "unreadable": "the rest of a file (or a parquet row group) cannot be read: truncated/corrupt compression or pages",
+    "too_deep": "the record nests deeper than JSON can be written back (255 levels)",
 }
 
 

@@ -7,15 +7,17 @@
 Every record read ends up in exactly one place: the output (train or validation file), the rejects file
 (with source, line, reason, raw text) or the duplicates file (with the original it repeats), so
 read = written + rejected + duplicates always. Every file is written to a temporary name beside it and
-renamed only when the whole build succeeded: an error or Ctrl-C leaves the previous state untouched.
+renamed only when the whole build succeeded, all together (commit_all): an error, a full disk or Ctrl-C
+leaves the previous state untouched and no temporary file behind.
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import orjson
 
@@ -153,6 +155,7 @@ class BuildResult:
     duplicates: int = 0
     val: int = 0
     mixed: int = 0
+    duplicate_keys: int = 0  # records kept whose JSON repeats a key (the last value was taken): a quality flag
     rejected_by_reason: Counter = field(default_factory=Counter)
     duplicates_by_type: Counter = field(default_factory=Counter)
     formats: dict = field(default_factory=dict)
@@ -165,7 +168,8 @@ class BuildResult:
     def summary(self) -> str:
         line = (f"read={self.read} written={self.written} rejected={self.rejected} duplicates={self.duplicates} "
                 f"train={self.written - self.val} val={self.val}")
-        return line + (f" mixed={self.mixed}" if self.mix_report else "")
+        line += f" mixed={self.mixed}" if self.mix_report else ""
+        return line + (f" duplicate_keys={self.duplicate_keys}" if self.duplicate_keys else "")
 
 
 def output_kind(path: str) -> str | None:
@@ -221,50 +225,121 @@ def path_clashes(opts: BuildOptions) -> list[str]:
     return out
 
 
+def _open_for_write(fd: int) -> BinaryIO:
+    """The stream of a temporary output file (tests wrap it to fill the disk at a chosen byte)."""
+    return os.fdopen(fd, "wb", buffering=1 << 20)
+
+
+def _write_error(path: str, err: OSError) -> BuildError:
+    """A failed write as the user's problem: which file, why, and what to do."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"the disk holding {folder} is full: free space there, or write the outputs to another disk"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = (f"{folder} is not writable (a read-only file system or no permission): give --output (and "
+               "--rejects/--duplicates/--val_output, if set) a writable folder")
+    else:
+        fix = "check the folder and the disk"
+    return BuildError(f"cannot write {path}: {err.strerror or err}; {fix}. No output was created or changed")
+
+
 class AtomicWriter:
-    """Writes to a hidden temporary file beside `path`; commit() renames it, abort() deletes it.
-    As a JSON array (`array=True`) it writes '[', the items separated by ',\\n', and ']' on commit."""
+    """Writes to a hidden temporary file beside `path`; finish() gets it onto the disk, commit_all() renames
+    the finished files together, abort() deletes the temporary file. As a JSON array (`array=True`) it
+    writes '[', the items separated by ',\\n', and ']' on finish. Write failures raise BuildError."""
 
     def __init__(self, path: str, array: bool = False):
         self.path, self.array, self.count = path, array, 0
+        self.tmp, self.file = None, None
         folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual mode
-        self.file = os.fdopen(fd, "wb", buffering=1 << 20)
-        if array:
-            self.file.write(b"[")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+            os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual mode
+            self.file = _open_for_write(fd)
+            if array:
+                self.file.write(b"[")
+        except OSError as e:
+            self.abort()
+            raise _write_error(path, e) from None
 
     def write(self, line: bytes) -> None:
-        if self.array:
-            self.file.write(b"\n" if self.count == 0 else b",\n")
-            self.file.write(line)
-        else:
-            self.file.write(line)
-            self.file.write(b"\n")
+        try:
+            if self.array:
+                self.file.write(b"\n" if self.count == 0 else b",\n")
+                self.file.write(line)
+            else:
+                self.file.write(line)
+                self.file.write(b"\n")
+        except OSError as e:
+            raise _write_error(self.path, e) from None
         self.count += 1
 
-    def commit(self) -> None:
-        if self.array:
-            self.file.write(b"\n]\n" if self.count else b"]\n")
-        self.file.close()
-        os.replace(self.tmp, self.path)
+    def finish(self) -> None:
+        """Write the end and get everything onto the disk: a full disk fails here, before any rename."""
+        try:
+            if self.array:
+                self.file.write(b"\n]\n" if self.count else b"]\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as e:
+            raise _write_error(self.path, e) from None
 
     def abort(self) -> None:
-        self.file.close()
-        if os.path.exists(self.tmp):
+        try:
+            if self.file is not None:
+                self.file.close()
+        except OSError:
+            pass  # on a full disk the flush of the buffered rest fails: the file goes anyway
+        if self.tmp is not None and os.path.exists(self.tmp):
             os.remove(self.tmp)
 
 
+def commit_all(renames: list[tuple[str, str]]) -> None:
+    """Rename every (temporary, final) pair, or none: a final file that already exists is kept under a
+    hidden backup name (a hard link: it never disappears) until every rename succeeded, and put back if one
+    fails. Raises BuildError; the temporary files are the caller's to remove."""
+    backups: dict[str, str] = {}
+    done: list[str] = []
+    final = None
+    try:
+        for tmp, final in renames:
+            if os.path.lexists(final):
+                backups[final] = f"{tmp}.old"
+                try:
+                    os.link(final, backups[final])
+                except OSError:  # no hard links here (some network/FUSE file systems): move it aside
+                    os.replace(final, backups[final])
+        for tmp, final in renames:
+            os.replace(tmp, final)
+            done.append(final)
+    except OSError as e:
+        for path in reversed(done):
+            if path in backups:
+                os.replace(backups.pop(path), path)
+            else:
+                os.remove(path)
+        for path, backup in list(backups.items()):
+            if not os.path.lexists(path):  # moved aside, not yet replaced
+                os.replace(backups.pop(path), path)
+        raise _write_error(final, e) from None
+    finally:
+        for backup in backups.values():
+            if os.path.lexists(backup):
+                os.remove(backup)
+
+
 def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> BuildResult:
-    """Run the whole build; raises BuildError (user error), StrictError (--strict), KeyboardInterrupt.
-    On any exception no output file is created or changed."""
+    """Run the whole build; raises BuildError (user error, unwritable or full disk), StrictError (--strict),
+    KeyboardInterrupt. On any exception no output file is created or changed and no temporary file stays."""
     problems = opts.problems()
     if problems:
         raise BuildError("; ".join(problems))
     paths = default_paths(opts)
     writers: dict[str, AtomicWriter] = {}
     scratch: list[str] = []
+    stats_names = [name for name in ("stats_json", "stats_md", "stats_png") if name in paths]
     try:
         for name in ("output", "val", "rejects", "duplicates"):
             if name in paths:
@@ -272,23 +347,20 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
                                              and output_kind(paths[name]) == ".json")
         result = _Pipeline(opts, writers, scratch, log).run()
         if opts.stats:
-            _write_stats(result, paths)
+            try:
+                _write_stats(result, paths)
+            except OSError as e:
+                raise _write_error(paths["stats_json"], e) from None
         for w in writers.values():
-            w.commit()
-        for name in ("stats_json", "stats_md", "stats_png"):
-            if name in paths:
-                os.replace(_stats_tmp(paths[name]), paths[name])
+            w.finish()
+        commit_all([(w.tmp, w.path) for w in writers.values()]
+                   + [(_stats_tmp(paths[name]), paths[name]) for name in stats_names])
         result.paths = paths
         return result
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        for name in ("stats_json", "stats_md", "stats_png"):
-            if name in paths and os.path.exists(_stats_tmp(paths[name])):
-                os.remove(_stats_tmp(paths[name]))
-        raise
     finally:
-        for path in scratch:
+        for w in writers.values():
+            w.abort()  # after a commit there is nothing left to remove
+        for path in scratch + [_stats_tmp(paths[name]) for name in stats_names]:
             if os.path.exists(path):
                 os.remove(path)
 
@@ -304,7 +376,8 @@ def _write_stats(result: BuildResult, paths: dict) -> None:
               "duplicates": result.duplicates, "train": result.written - result.val, "val": result.val}
     extra = {"rejected_by_reason": dict(result.rejected_by_reason.most_common()),
              "duplicates_by_type": dict(result.duplicates_by_type), "formats": result.formats,
-             "val_kinds": dict(result.val_kinds), "mix": result.mix_report or None, "shuffle": result.shuffle_mode}
+             "val_kinds": dict(result.val_kinds), "mix": result.mix_report or None, "shuffle": result.shuffle_mode,
+             "duplicate_keys": result.duplicate_keys}
     report = stats.report(counts, extra)
     tmp = {k: _stats_tmp(paths[k]) for k in ("stats_json", "stats_md", "stats_png")}
     stats.write(report, tmp["stats_json"], tmp["stats_md"], tmp["stats_png"])
@@ -370,7 +443,8 @@ class _Pipeline:
             if not outcome[0]:
                 self._reject(source, outcome[1], outcome[2], outcome[3], raw)
                 continue
-            _, line, kind, is_text, key, out, features = outcome
+            _, line, kind, is_text, key, out, features, dup_keys = outcome
+            res.duplicate_keys += dup_keys
             if self.output_is_text is None:
                 self.output_is_text = is_text
             elif self.output_is_text != is_text:
@@ -443,13 +517,17 @@ class _Pipeline:
 
     def _spool(self, records: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
         folder = os.path.dirname(os.path.abspath(self.opts.output))
-        fd, path = tempfile.mkstemp(prefix=".mix.", suffix=".tmp", dir=folder)
-        self.scratch.append(path)
-        n = 0
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            for kind, line in records:
-                f.write(orjson.dumps(kind) + b"\t" + line + b"\n")
-                n += 1
+        path = os.path.join(folder, ".mix.tmp")
+        try:
+            fd, path = tempfile.mkstemp(prefix=".mix.", suffix=".tmp", dir=folder)
+            self.scratch.append(path)
+            n = 0
+            with _open_for_write(fd) as f:
+                for kind, line in records:
+                    f.write(orjson.dumps(kind) + b"\t" + line + b"\n")
+                    n += 1
+        except OSError as e:
+            raise _write_error(path, e) from None
         return path, n
 
     @staticmethod

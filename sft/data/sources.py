@@ -19,13 +19,18 @@ the number of records read so far; the rest says how to get there without parsin
     {"records": n, "row_group": g, "row": r}        parquet: row r of row group g
     {"records": n}                                  hub datasets (datasets' skip(n) when opened)
 
-Supported: .jsonl/.ndjson, .json (an array, or one object per line), .parquet, and any of them .gz
+Supported: .jsonl/.ndjson, .json (an array, one object per line, or one pretty-printed object: one
+record), .parquet, and any of them .gz
 compressed; a hub dataset id ("owner/name") when it is not a local path. Memory does not grow with
 the input: JSON lines are read line by line, a JSON array element by element (an incremental splitter,
 below), parquet batch by batch, hub datasets through `datasets`' streaming mode.
 
 A bad record never raises: it comes back with `error` set, so the caller can reject it with its line
-number. Problems with a whole file (missing, unsupported type, hub unreachable) raise SourceError.
+number. Neither does a file whose rest cannot be read (a truncated or bad-CRC .gz, an I/O error, a corrupt
+parquet page): what cannot be read comes back as ONE record with error "unreadable" naming where reading
+stopped, and the reader goes on with the next readable part (the next parquet row group; for a byte
+stream, the end of the file). Problems with a whole file (missing, unsupported type, hub unreachable, no
+parquet footer) raise SourceError.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import itertools
 import os
 import re
 import shutil
+import zlib
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -51,6 +57,9 @@ _CHUNK = 1 << 20
 # would otherwise make us buffer the rest of the file).
 MAX_ELEMENT_BYTES = 256 << 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Failures of a file's bytes rather than of one record: a truncated .gz (EOFError), a bad CRC or header
+# (gzip.BadGzipFile, an OSError), corrupt deflate data (zlib.error), a disk read error (OSError).
+READ_ERRORS = (EOFError, OSError, zlib.error)
 
 
 class SourceError(ValueError):
@@ -69,7 +78,10 @@ class RawRecord:
     @property
     def raw(self) -> str:
         if self.raw_bytes is None:
-            return orjson.dumps(self.data, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+            try:
+                return orjson.dumps(self.data, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+            except TypeError:  # nested deeper than orjson writes (255 levels)
+                return repr(self.data)[:1 << 20]
         return self.raw_bytes.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
 
 
@@ -119,25 +131,75 @@ def _iter_local(path: str, position: dict | None) -> Iterator[RawRecord]:
     if kind == ".parquet":
         yield from _iter_parquet(path, gz, position)
         return
-    if position is not None and position.get("end"):  # after a truncated array or trailing data
+    if position is not None and position.get("end"):  # after a truncated array, trailing data, one object
         return
+    last: RawRecord | None = None
     with _open_bytes(path, gz) as f:
-        array = kind == ".json" and _starts_with_array(f)
-        if position is not None:
-            f.seek(position["offset"])  # gzip: decompresses up to there, once per opening
-        if array:
-            yield from _iter_json_array(f, path, position)
-        elif position is None:
-            yield from _iter_json_lines(f, path)
-        else:
-            yield from _iter_json_lines(f, path, position["line"] + 1, position["offset"], position["records"])
+        try:
+            layout = _json_layout(f) if kind == ".json" else "lines"
+            if layout == "object" and position is None:
+                rec = _whole_object(f, path)
+                if rec is not None:
+                    yield rec
+                    return
+                f.seek(0)  # not one object after all: read it as JSON lines (each bad line a reject)
+            if position is not None:
+                f.seek(position["offset"])  # gzip: decompresses up to there, once per opening
+            if layout == "array":
+                records = _iter_json_array(f, path, position)
+            elif position is None:
+                records = _iter_json_lines(f, path)
+            else:
+                records = _iter_json_lines(f, path, position["line"] + 1, position["offset"], position["records"])
+            for last in records:
+                yield last
+        except READ_ERRORS as e:
+            yield _unreadable_rest(path, gz, last.position if last is not None else position, e)
 
 
-def _starts_with_array(f: BinaryIO) -> bool:
-    """Peek (without consuming) whether the first non-blank byte is '['."""
+def _unreadable_rest(path: str, gz: bool, at: dict | None, exc: BaseException) -> RawRecord:
+    """The one reject that stands for everything after `at` (a position; None: the file's start)."""
+    records, line, offset = (0, 0, 0) if at is None else (at["records"], at.get("line", 0), at.get("offset", 0))
+    where = f"after line {line} (byte {offset}{' of the decompressed data' if gz else ''})" if line else "from its start"
+    fix = ("the .gz file is truncated or corrupt: re-download or re-compress it (`gzip -t FILE` checks it)" if gz
+           else "a read error: copy the file again and check the disk")
+    why = str(exc) or type(exc).__name__
+    return RawRecord(path, line + 1, None, b"", RecordError(
+        "unreadable", f"cannot read the rest of {path} {where}: {why}; the records after it are skipped. Fix: {fix}"),
+        {"records": records + 1, "end": True})
+
+
+def _json_layout(f: BinaryIO) -> str:
+    """"array", "object" (one pretty-printed object, e.g. axolotl's conversation.json) or "lines", from a peek.
+    A JSON-lines file never has a first line that opens an object without closing it."""
     head = f.peek(4096) if hasattr(f, "peek") else b""
     head = head[len(BOM):] if head.startswith(BOM) else head
-    return head.lstrip()[:1] == b"["
+    body = head.lstrip()
+    if body[:1] == b"[":
+        return "array"
+    first, newline, _ = body.partition(b"\n")
+    if body[:1] == b"{" and newline and not _parses(first):
+        return "object"
+    return "lines"
+
+
+def _whole_object(f: BinaryIO, source: str) -> RawRecord | None:
+    """The file as one record when it holds one JSON value; None when it does not parse (then it is read as
+    JSON lines). Files over MAX_ELEMENT_BYTES are never taken whole."""
+    text = f.read(MAX_ELEMENT_BYTES + 1)
+    if len(text) > MAX_ELEMENT_BYTES:
+        return None
+    bom = text.startswith(BOM)
+    body = text[len(BOM):] if bom else text
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    line = 1 + body[:len(body) - len(body.lstrip())].count(b"\n")  # where the object opens
+    rec = RawRecord(source, line, data, body.strip(), None, {"records": 1, "end": True})
+    if bom:
+        rec.error, rec.data = parse_error(BOM, ValueError()), None
+    return rec
 
 
 def is_line_based(path: str) -> bool:
@@ -148,28 +210,67 @@ def is_line_based(path: str) -> bool:
         return False
     if kind == ".jsonl":
         return True
-    with _open_bytes(path, gz) as f:
-        return not _starts_with_array(f)
+    try:
+        with _open_bytes(path, gz) as f:
+            return _json_layout(f) == "lines"
+    except READ_ERRORS:  # a corrupt .gz: the record reader reports it (one "unreadable" reject)
+        return False
 
 
 def count_records(path: str) -> int:
     """Number of records of `path`: non-blank lines of a JSON-lines file (not parsed), else a full read."""
     if is_line_based(path):
+        count = 0
         with _open_bytes(path, local_kind(path)[1]) as f:
-            return sum(1 for line in f if line.strip())
+            try:
+                for line in f:
+                    count += bool(line.strip())
+            except READ_ERRORS:
+                count += 1  # the reader's one "unreadable" record for the rest of the file
+        return count
     return sum(1 for _ in iter_raw_records(path))
 
 
-def iter_line_chunks(path: str, chunk_bytes: int = 1 << 21) -> Iterator[tuple[int, list[bytes]]]:
-    """(number of the first line, whole lines totalling about `chunk_bytes`) of a line-based file, in order."""
-    first = 1
-    with _open_bytes(path, local_kind(path)[1]) as f:
+def iter_line_chunks(path: str, chunk_bytes: int = 1 << 21) -> Iterator[tuple[int, list[bytes] | RawRecord]]:
+    """(number of the first line, whole lines totalling about `chunk_bytes`) of a line-based file, in order;
+    when the rest of the file cannot be read, a last (line, RawRecord) with error "unreadable" instead."""
+    first, offset, records = 1, 0, 0
+    gz = local_kind(path)[1]
+    with _open_bytes(path, gz) as f:
         while True:
-            lines = f.readlines(chunk_bytes)
+            try:
+                lines = f.readlines(chunk_bytes)
+            except READ_ERRORS as e:
+                # readlines() dropped the chunk's lines read before the failure: read them again one by one
+                lines = _lines_before_failure(path, gz, offset)
+                if lines:
+                    yield first, lines
+                    first += len(lines)
+                    offset += sum(map(len, lines))
+                    records += sum(1 for line in lines if line.strip())
+                at = {"records": records, "line": first - 1, "offset": offset} if first > 1 else None
+                rec = _unreadable_rest(path, gz, at, e)
+                yield rec.line, rec
+                return
             if not lines:
                 return
             yield first, lines
             first += len(lines)
+            offset += sum(map(len, lines))
+            records += sum(1 for line in lines if line.strip())
+
+
+def _lines_before_failure(path: str, gz: bool, offset: int) -> list[bytes]:
+    """The whole lines from `offset` up to where reading fails."""
+    lines = []
+    with _open_bytes(path, gz) as f:
+        try:
+            f.seek(offset)
+            for line in f:
+                lines.append(line)
+        except READ_ERRORS:
+            pass
+    return lines
 
 
 def parse_json_lines(lines: Iterable[bytes], source: str, first_line: int = 1) -> Iterator[RawRecord]:
@@ -191,6 +292,39 @@ def _iter_json_lines(f: Iterable[bytes], source: str, first_line: int = 1, offse
             data, error = None, parse_error(line, e)
         records += 1
         yield RawRecord(source, lineno, data, line, error, {"records": records, "offset": offset, "line": lineno})
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_pairs(pairs: list) -> dict:
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise _DuplicateKey
+    return dict(pairs)
+
+
+def has_duplicate_keys(rec: RawRecord) -> bool:
+    """True when a JSON object of the record's text repeats a key (JSON parsers keep the last one silently).
+
+    Cheap pre-check (C speed): re-dumping the parsed value writes every '"' of the text again (two per
+    string, one per escaped quote) except those of a dropped key; so equal counts mean no duplicate unless
+    the text spells a quote as \\u0022. Only otherwise is the text parsed again with a pairs hook."""
+    text = rec.raw_bytes
+    if text is None or rec.data is None:
+        return False  # parquet and hub rows come from structures without duplicate keys
+    quotes = text.count(b'"')
+    try:
+        if quotes == orjson.dumps(rec.data).count(b'"') and b"\\u0022" not in text:
+            return False
+        import json
+
+        json.loads(text, object_pairs_hook=_no_duplicate_pairs)
+    except _DuplicateKey:
+        return True
+    except (TypeError, ValueError, RecursionError):  # too deep to re-dump or re-parse: not judged
+        return False
+    return False
 
 
 def parse_error(text: bytes, exc: Exception) -> RecordError:
@@ -426,33 +560,52 @@ def _iter_parquet(path: str, gz: bool, position: dict | None) -> Iterator[RawRec
     # Parquet needs random access: decompress to a temporary file (disk, not memory), once per opening.
     with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
         with gzip.open(path, "rb") as src:
-            shutil.copyfileobj(src, tmp, _CHUNK)
+            try:
+                shutil.copyfileobj(src, tmp, _CHUNK)
+            except READ_ERRORS as e:  # without its end (the footer) no row of a parquet file can be found
+                raise SourceError(f"{path}: the gzip data is truncated or corrupt ({e}), and a parquet file cannot "
+                                  "be read without its end; re-download or re-compress it") from e
         tmp.flush()
         yield from _parquet_rows(pq, tmp.name, path, position)
 
 
 def _parquet_rows(pq, real_path: str, source: str, position: dict | None) -> Iterator[RawRecord]:
+    """Rows as records; `line` is the 1-based row number in the file. A row group that cannot be decoded
+    (a corrupt page) is one "unreadable" record for its unread rows, and reading goes on with the next group."""
+    import pyarrow as pa
+
     try:
         pfile = pq.ParquetFile(real_path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise SourceError(f"{source}: cannot read as parquet ({e}); check the file is complete") from e
+    sizes = [pfile.metadata.row_group(g).num_rows for g in range(pfile.num_row_groups)]
     first_group, skip, records = (0, 0, 0) if position is None else \
         (position["row_group"], position["row"], position["records"])
     for group in range(first_group, pfile.num_row_groups):
-        if skip >= pfile.metadata.row_group(group).num_rows:  # positioned after this group's last row
+        if skip >= sizes[group]:  # positioned after this group's last row
             skip = 0
             continue
+        before = sum(sizes[:group])
         row = 0  # rows of this group read so far (or skipped without converting them to Python)
-        for batch in pfile.iter_batches(batch_size=4096, row_groups=[group]):
-            if row + batch.num_rows <= skip:
-                row += batch.num_rows
-                continue
-            if row < skip:
-                batch, row = batch.slice(skip - row), skip
-            for data in batch.to_pylist():
-                row += 1
-                records += 1
-                yield RawRecord(source, records, data, None, None, {"records": records, "row_group": group, "row": row})
+        try:
+            for batch in pfile.iter_batches(batch_size=4096, row_groups=[group]):
+                if row + batch.num_rows <= skip:
+                    row += batch.num_rows
+                    continue
+                if row < skip:
+                    batch, row = batch.slice(skip - row), skip
+                for data in batch.to_pylist():
+                    row += 1
+                    records += 1
+                    yield RawRecord(source, before + row, data, None, None,
+                                    {"records": records, "row_group": group, "row": row})
+        except (OSError, pa.ArrowException) as e:
+            records += 1
+            first_bad, last_row = before + max(row, skip) + 1, before + sizes[group]
+            yield RawRecord(source, first_bad, None, b"", RecordError(
+                "unreadable", f"rows {first_bad}-{last_row} (row group {group}) of {source} cannot be decoded: {e}; "
+                              "they are skipped and reading goes on with the next row group. Fix: re-export the file"),
+                {"records": records, "row_group": group + 1, "row": 0})
         skip = 0
 
 

@@ -5,6 +5,8 @@ Flags never drop a record: they point at records worth a look. An answer is flag
 - `answer_equals_question`: equals the user turn before it (whitespace/case ignored),
 - `repeated_char_run`: holds one non-space character REPEAT_RUN or more times in a row,
 - `unbalanced_brackets`: has unmatched (), [], {}, （）, 【】, 《》, “” pairs or an odd number of '"'.
+A record (not an answer) is flagged `duplicate_keys` when one of its JSON objects repeats a key: the
+parser kept the last value silently (sft.data.sources.has_duplicate_keys).
 
 Token lengths (with a tokenizer) estimate the ChatML length: content tokens + 5 per message + 5 for the
 system block (`<|im_start|>role\\n ... <|im_end|>\\n`), without the default system prompt's text.
@@ -24,7 +26,7 @@ from sft.conversation import Conversation, is_plain_text
 REPEAT_RUN = 20
 _REPEAT = re.compile(r"(\S)\1{%d,}" % (REPEAT_RUN - 1))
 _PAIRS = (("(", ")"), ("[", "]"), ("{", "}"), ("（", "）"), ("【", "】"), ("《", "》"), ("“", "”"))
-FLAGS = ("empty_answer", "answer_equals_question", "repeated_char_run", "unbalanced_brackets")
+FLAGS = ("empty_answer", "answer_equals_question", "repeated_char_run", "unbalanced_brackets", "duplicate_keys")
 PERCENTILES = (50, 90, 95, 99)
 MAX_EXAMPLES = 20
 _TEMPLATE_TOKENS_PER_MESSAGE = 5

@@ -2,7 +2,8 @@
 
     outcome = record_outcome(item, cfg)
       bad:  (False, line, reason, detail)
-      good: (True, line, kind, is_plain_text, dedup_key, sharegpt_json_bytes, stats_features | None)
+      good: (True, line, kind, is_plain_text, dedup_key, sharegpt_json_bytes, stats_features | None,
+             has_duplicate_keys)
 
 Everything after this step (dedup lookups, writing, counting) happens in the main process, in input
 order, so the result is the same whatever the number of workers. Workers are used for local
@@ -29,6 +30,7 @@ from sft.data.formats import (
 )
 from sft.data.sources import (
     RawRecord,
+    has_duplicate_keys,
     iter_line_chunks,
     iter_raw_records,
     parse_json_lines,
@@ -52,13 +54,42 @@ def record_outcome(item: LoadedRecord, cfg: StepConfig) -> tuple:
     if item.error is not None:
         return False, item.raw.line, item.error.reason, item.error.detail
     conv = item.conversation
+    try:
+        out = orjson.dumps(conversation_to_sharegpt(conv))
+    except orjson.JSONEncodeError as e:  # orjson reads 1024 levels of nesting but writes at most 255
+        return False, item.raw.line, "too_deep", _too_deep_detail(item.raw.data, e)
     key = None
     if cfg.key == "hash":
         key = text_hash(normalized_text(conv))
     elif cfg.key == "text":
         key = normalized_text(conv)
-    return (True, item.raw.line, record_kind(conv.meta), is_plain_text(conv), key,
-            orjson.dumps(conversation_to_sharegpt(conv)), record_features(conv) if cfg.stats else None)
+    dup_keys = has_duplicate_keys(item.raw)
+    features = record_features(conv) if cfg.stats else None
+    if features is not None and dup_keys:
+        features = features[:4] + (features[4] + ("duplicate_keys",),)
+    return True, item.raw.line, record_kind(conv.meta), is_plain_text(conv), key, out, features, dup_keys
+
+
+def _too_deep_detail(data, exc: Exception) -> str:
+    if "ecursion" not in str(exc):
+        return f"the record cannot be written as JSON ({exc}); fix the field"
+    deepest = max(data, key=lambda k: _depth(data[k])) if isinstance(data, dict) and data else None
+    where = f"field '{deepest}' nests {_depth(data[deepest])} levels" if deepest is not None else "it nests too deep"
+    return (f"{where}; JSON output allows at most 255 levels (orjson): flatten it, or store it as a JSON string, "
+            "or drop the field")
+
+
+def _depth(value) -> int:
+    """Nesting depth of lists/dicts (iterative: deep values are the point)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 def first_format(path: str) -> tuple[str | None, int]:
@@ -99,7 +130,11 @@ def parallel_outcomes(paths: list[str], cfg: StepConfig, workers: int, read_limi
     pending: deque = deque()
     try:
         for task in _tasks(paths, cfg, read_limit, formats):
-            pending.append((pool.apply_async(process_chunk, (task,)), task))
+            if isinstance(task, RawRecord):  # the unreadable rest of a file: its one reject, in order
+                outcome = (False, task.line, task.error.reason, task.error.detail)
+                pending.append((_Ready([outcome]), (task.source, task.line, [b""])))
+            else:
+                pending.append((pool.apply_async(process_chunk, (task,)), task))
             if len(pending) >= 2 * workers + 2:  # bounded: memory does not grow with the input
                 yield from _finish(pending.popleft())
         while pending:
@@ -109,19 +144,38 @@ def parallel_outcomes(paths: list[str], cfg: StepConfig, workers: int, read_limi
         pool.join()
 
 
+class _Ready:
+    """An outcome known without a worker, queued like a worker's result."""
+
+    def __init__(self, outcomes: list[tuple]):
+        self.outcomes = outcomes
+
+    def get(self) -> list[tuple]:
+        return self.outcomes
+
+
 def _finish(entry) -> Iterator[tuple[tuple, str, bytes]]:
     result, (source, first_line, lines, *_rest) = entry
     for outcome in result.get():
         yield outcome, source, lines[outcome[1] - first_line]
 
 
-def _tasks(paths: list[str], cfg: StepConfig, read_limit: int | None, formats: dict[str, str]) -> Iterator[tuple]:
+def _tasks(paths: list[str], cfg: StepConfig, read_limit: int | None,
+           formats: dict[str, str]) -> Iterator[tuple | RawRecord]:
+    """Chunks of lines for the workers; a RawRecord (an "unreadable" reject) where a file cannot be read on."""
     left = read_limit
     for path in paths:
         file_fmt, detect_line = (None, 0) if cfg.fmt else first_format(path)
         if file_fmt is not None:
             formats[path] = file_fmt
         for first_line, lines in iter_line_chunks(path):
+            if isinstance(lines, RawRecord):
+                yield lines
+                if left is not None:
+                    left -= 1
+                    if left == 0:
+                        return
+                continue
             if left is not None:
                 lines, left = _cut_at_records(lines, left)
             if lines:

@@ -268,7 +268,7 @@ def test_stats_report_with_noisy_flags_and_tokens(tmp_path):
     assert report["kinds"] == {"OpenQA": 2, "Couplet": 2, "Program": 2}
     flags = {k: v["examples"] for k, v in report["noisy_answers"].items()}
     assert flags == {"empty_answer": [f"{src}:3"], "answer_equals_question": [f"{src}:2"],
-                     "repeated_char_run": [f"{src}:4"], "unbalanced_brackets": [f"{src}:5"]}
+                     "repeated_char_run": [f"{src}:4"], "unbalanced_brackets": [f"{src}:5"], "duplicate_keys": []}
     # tokens = characters + newline joiner + 5 per message + 5 for the system block
     assert report["tokens"]["max"] == 1 + 1 + 1 + 60 + 15
     assert report["over_max_length"] == {"max_length": 50, "unit": "tokens", "count": 1, "share": round(1 / 6, 6)}
