@@ -578,12 +578,12 @@ def _raw_text(raw: Any) -> str:
 
 
 def _raw_json(raw: Any) -> bytes:
-    """The record as JSON, as read when possible (it parsed, so the bytes are valid JSON)."""
+    """The record as one line of JSON, as read when possible (it parsed, so the bytes are valid JSON)."""
     if isinstance(raw, bytes):
         return raw.strip()
-    if raw.raw_bytes is not None:
+    if raw.raw_bytes is not None and b"\n" not in raw.raw_bytes.strip():
         return raw.raw_bytes.strip()
-    return orjson.dumps(raw.data, default=str)
+    return orjson.dumps(raw.data, default=str)  # parquet rows; elements of an indented JSON array span lines
 
 
 def _mixed_error(output_is_text: bool) -> RecordError:
