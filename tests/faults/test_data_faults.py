@@ -238,14 +238,15 @@ def test_duplicate_keys_are_counted_as_a_quality_flag(tmp_path):
              '{"input": "q3", "target": "a3", "meta": {"k": 1, "k": 2}}',     # nested object
              '{"input": "q4", "target": "a4", "\\u0069nput": "q4b"}',         # the same key spelled with an escape
              '{"input": "q5", "target": "a5 \\u0022", "kind": "y"}',          # \u0022 quote: checked, none
+             '{"input": "q7", "target": "at 12:00: \\"noon\\""}',               # colons in text: the quote check
              json.dumps(firefly(6))]
     src = _jsonl(tmp_path / "in.jsonl", lines)
     flags = []
     for rec in iter_raw_records(src):
         flags.append(has_duplicate_keys(rec))
-    assert flags == [True, False, True, True, False, False]
+    assert flags == [True, False, True, True, False, False, False]
     result = build(BuildOptions(output=str(tmp_path / "x.jsonl"), inputs=[src], workers=2, stats=True))
-    assert result.duplicate_keys == 3 and result.written == 6  # a flag, never a reject
+    assert result.duplicate_keys == 3 and result.written == 7  # a flag, never a reject
     assert result.summary().endswith("duplicate_keys=3")
     report = json.loads((tmp_path / "x.stats.json").read_text())
     assert report["duplicate_keys"] == 3
