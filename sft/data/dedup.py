@@ -11,6 +11,7 @@ the same conversation under two kinds is still a duplicate.
 from __future__ import annotations
 
 import hashlib
+import json
 from array import array
 
 import numpy as np
@@ -35,13 +36,19 @@ def normalized_text(conv: Conversation) -> str:
         parts.append(m.role)
         parts.append(m.content)
         if m.tool_calls:
-            parts.append(orjson.dumps([[c.name, c.arguments] for c in m.tool_calls],
-                                      option=orjson.OPT_SORT_KEYS).decode())
+            parts.append(_sorted_json([[c.name, c.arguments] for c in m.tool_calls]))
     if conv.tools:
-        parts.append(orjson.dumps(conv.tools, option=orjson.OPT_SORT_KEYS).decode())
+        parts.append(_sorted_json(conv.tools))
     # Each part on its own (so that leading/trailing blanks vanish); joined with NUL, not \x1f:
     # str.split() treats \x1c-\x1f as whitespace.
     return "\x00".join([" ".join(p.split()) for p in parts])
+
+
+def _sorted_json(value) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:  # nested past orjson's 255 levels: Python's json writes what the output holds
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def text_hash(text: str) -> int:

@@ -38,7 +38,7 @@ from sft.conversation import (
     is_plain_text,
     validate_conversation,
 )
-from sft.data.sources import RawRecord, iter_raw_records
+from sft.data.sources import RawRecord, iter_raw_records, too_deep_error
 
 FORMATS = ("firefly", "firefly_multiturn", "sharegpt", "openai", "alpaca", "prompt_completion", "text")
 
@@ -414,5 +414,8 @@ def normalize_records(raws: Iterable[RawRecord], fmt: str | None = None, max_cha
             if e.reason == "missing_field" and fmt is None:
                 e.detail += f" [format '{file_fmt}' was detected from the first record of {raw.source}]"
             yield LoadedRecord(raw, None, e.located(raw.source, raw.line), file_fmt)
+            continue
+        except RecursionError as e:  # tools/arguments nested ~1000 levels (orjson reads up to 1024)
+            yield LoadedRecord(raw, None, too_deep_error(raw.data, e).located(raw.source, raw.line), file_fmt)
             continue
         yield LoadedRecord(raw, conv, None, file_fmt)

@@ -354,6 +354,35 @@ def _quotes(value: Any) -> int:
     return 0
 
 
+def too_deep_error(data: Any, exc: Exception) -> RecordError:
+    """The reject of a record that parsed but cannot be written back or rendered: orjson writes at most 255
+    levels of nesting (it reads 1024), Python's json about 1000."""
+    if not isinstance(exc, RecursionError) and "ecursion" not in str(exc):
+        return RecordError("too_deep", f"the record cannot be written as JSON ({exc}); fix the field")
+    depths = {k: _depth(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    deepest = max(depths, key=depths.get, default=None)
+    if deepest is not None and depths[deepest] > 200:
+        where = f"field '{deepest}' nests {depths[deepest]} levels"
+    else:  # a JSON string field (ShareGPT's tools, function_call values) holding the deep value
+        nested = [k for k, v in depths.items() if isinstance(data[k], str) and data[k][:1] in "[{"] if depths else []
+        where = f"field '{nested[0]}' holds JSON nested too deep" if nested else "the record nests too deep"
+    return RecordError("too_deep", f"{where}; JSON output allows at most 255 levels (orjson): flatten it, store it "
+                                   "as a JSON string, or drop the field")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists/dicts (iterative: deep values are the point)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
 def parse_error(text: bytes, exc: Exception) -> RecordError:
     if text.startswith(BOM):
         return RecordError("bom", "the record starts with a UTF-8 byte order mark (BOM); re-save the file as "

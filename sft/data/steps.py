@@ -34,6 +34,7 @@ from sft.data.sources import (
     iter_line_chunks,
     iter_raw_records,
     parse_json_lines,
+    too_deep_error,
 )
 from sft.data.stats import record_features
 
@@ -54,42 +55,21 @@ def record_outcome(item: LoadedRecord, cfg: StepConfig) -> tuple:
     if item.error is not None:
         return False, item.raw.line, item.error.reason, item.error.detail
     conv = item.conversation
+    key = None
     try:
         out = orjson.dumps(conversation_to_sharegpt(conv))
-    except orjson.JSONEncodeError as e:  # orjson reads 1024 levels of nesting but writes at most 255
-        return False, item.raw.line, "too_deep", _too_deep_detail(item.raw.data, e)
-    key = None
-    if cfg.key == "hash":
-        key = text_hash(normalized_text(conv))
-    elif cfg.key == "text":
-        key = normalized_text(conv)
+        if cfg.key == "hash":
+            key = text_hash(normalized_text(conv))
+        elif cfg.key == "text":
+            key = normalized_text(conv)
+    except (orjson.JSONEncodeError, RecursionError) as e:  # orjson reads 1024 levels but writes at most 255
+        err = too_deep_error(item.raw.data, e)
+        return False, item.raw.line, err.reason, err.detail
     dup_keys = has_duplicate_keys(item.raw)
     features = record_features(conv) if cfg.stats else None
     if features is not None and dup_keys:
         features = features[:4] + (features[4] + ("duplicate_keys",),)
     return True, item.raw.line, record_kind(conv.meta), is_plain_text(conv), key, out, features, dup_keys
-
-
-def _too_deep_detail(data, exc: Exception) -> str:
-    if "ecursion" not in str(exc):
-        return f"the record cannot be written as JSON ({exc}); fix the field"
-    deepest = max(data, key=lambda k: _depth(data[k])) if isinstance(data, dict) and data else None
-    where = f"field '{deepest}' nests {_depth(data[deepest])} levels" if deepest is not None else "it nests too deep"
-    return (f"{where}; JSON output allows at most 255 levels (orjson): flatten it, or store it as a JSON string, "
-            "or drop the field")
-
-
-def _depth(value) -> int:
-    """Nesting depth of lists/dicts (iterative: deep values are the point)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, dict):
-            v = list(v.values())
-        if isinstance(v, list):
-            deepest = max(deepest, d)
-            stack.extend((x, d + 1) for x in v)
-    return deepest
 
 
 def first_format(path: str) -> tuple[str | None, int]:

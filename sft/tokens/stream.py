@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import torch
 
 from sft.data.formats import normalize_records
-from sft.data.sources import RawRecord, Source, iter_raw_records
+from sft.data.sources import RawRecord, Source, iter_raw_records, too_deep_error
 from sft.tokens.collate import StreamOptions, collate_batch
 from sft.tokens.encoding import EncodeOptions, EncodeStats, encode_conversation
 from sft.tokens.plan import plan_batches
@@ -256,6 +256,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             encoded = encode_conversation(item.conversation, self.tokenizer, self.encode_options, self.encode_stats)
         except ValueError as err:
             return self._reject(source, rec, "cannot_render", str(err))
+        except RecursionError as err:  # tools or arguments nested ~1000 levels: the template's JSON cannot write them
+            deep = too_deep_error(rec.data, err)
+            return self._reject(source, rec, deep.reason, deep.detail)
         if encoded is None:
             self.counters["dropped"] += 1
             reason = getattr(self.encode_stats, "last_drop", None) or "no supervised token within --max_length"

@@ -7,6 +7,8 @@ builder and training must reject with a reason and a line (issue 16), mixed with
 
 `reason` is the builder's; training rejects the same (it shares the reader and the normalizer) except
 where `training` says otherwise (training has no --max_chars and never re-dumps the record as JSON).
+Nesting: a record nested past 255 levels is rejected "too_deep" (orjson writes at most 255); tools and tool
+call arguments are written as JSON strings (Python's json, ~1000 levels), so 900 levels there are kept.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ class Kind:
     name: str
     file: str
     line: int
-    reason: str
+    reason: str | None  # None: the builder keeps the record (a hostile record that must only not crash it)
     training: str | None = "same"  # training's reason when different; None: training keeps the record
 
 
@@ -118,6 +120,8 @@ _SHAREGPT_KINDS = [
     ("sharegpt_no_value", _dumps({"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}),
      "missing_field"),
     ("sharegpt_missing_conversations", _dumps({"system": "s"}), "missing_field"),
+    ("sharegpt_tools_nested_1020", _sg(("human", "q"), ("gpt", "a"), tools='[{"name": "f", "parameters": '
+                                       + _nest(1020) + "}]"), "too_deep"),
 ]
 _OPENAI_KINDS = [
     ("openai_not_a_list", _dumps({"messages": {"role": "user"}}), "bad_field_type"),
@@ -136,6 +140,11 @@ _OPENAI_KINDS = [
      "bad_loss_flag"),
     ("openai_bad_tools", _oa({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, tools="nope"),
      "bad_tools"),
+    ("openai_tools_nested_900", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+     '"tools": [{"name": "f", "parameters": ' + _nest(900) + "}]}", None, "dropped"),  # training: too many tokens
+    ("openai_arguments_nested_900", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": '
+     '"", "tool_calls": [{"name": "f", "arguments": {"x": ' + _nest(900) + '}}]}, {"role": "tool", "content": "r"}, '
+     '{"role": "assistant", "content": "a"}]}', None, None),
     ("llamafactory_fractional_loss_weight", _dumps({"messages": [
         {"role": "user", "content": [{"type": "text", "value": "q"}]},
         {"role": "assistant", "content": [{"type": "text", "value": "a"}], "loss_weight": 0.5}]}), "bad_loss_flag"),
