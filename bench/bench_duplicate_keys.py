@@ -16,7 +16,8 @@ import timeit
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sft.data.formats import normalize_records  # noqa: E402
-from sft.data.sources import has_duplicate_keys, parse_json_lines  # noqa: E402
+from sft.data.json_checks import has_duplicate_keys  # noqa: E402
+from sft.data.sources import parse_json_lines  # noqa: E402
 from sft.data.steps import StepConfig, record_outcome  # noqa: E402
 
 

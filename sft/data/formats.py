@@ -38,7 +38,8 @@ from sft.conversation import (
     is_plain_text,
     validate_conversation,
 )
-from sft.data.sources import RawRecord, iter_raw_records, too_deep_error
+from sft.data.json_checks import too_deep_error
+from sft.data.sources import RawRecord, iter_raw_records
 
 FORMATS = ("firefly", "firefly_multiturn", "sharegpt", "openai", "alpaca", "prompt_completion", "text")
 

@@ -6,7 +6,7 @@ Flags never drop a record: they point at records worth a look. An answer is flag
 - `repeated_char_run`: holds one non-space character REPEAT_RUN or more times in a row,
 - `unbalanced_brackets`: has unmatched (), [], {}, （）, 【】, 《》, “” pairs or an odd number of '"'.
 A record (not an answer) is flagged `duplicate_keys` when one of its JSON objects repeats a key: the
-parser kept the last value silently (sft.data.sources.has_duplicate_keys).
+parser kept the last value silently (sft.data.json_checks.has_duplicate_keys).
 
 Token lengths (with a tokenizer) estimate the ChatML length: content tokens + 5 per message + 5 for the
 system block (`<|im_start|>role\\n ... <|im_end|>\\n`), without the default system prompt's text.

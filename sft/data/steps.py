@@ -28,13 +28,12 @@ from sft.data.formats import (
     detect_format,
     normalize_records,
 )
+from sft.data.json_checks import has_duplicate_keys, too_deep_error
 from sft.data.sources import (
     RawRecord,
-    has_duplicate_keys,
     iter_line_chunks,
     iter_raw_records,
     parse_json_lines,
-    too_deep_error,
 )
 from sft.data.stats import record_features
 

@@ -38,7 +38,8 @@ from typing import Any, Iterator
 import torch
 
 from sft.data.formats import normalize_records
-from sft.data.sources import RawRecord, Source, iter_raw_records, too_deep_error
+from sft.data.json_checks import too_deep_error
+from sft.data.sources import RawRecord, Source, iter_raw_records
 from sft.tokens.collate import StreamOptions, collate_batch
 from sft.tokens.encoding import EncodeOptions, EncodeStats, encode_conversation
 from sft.tokens.plan import plan_batches

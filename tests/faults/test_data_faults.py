@@ -13,7 +13,8 @@ from hostile_data import corrupt_parquet, firefly
 import sft.data.builder as builder
 import sft_data_builder
 from sft.data.builder import BuildError, BuildOptions, build
-from sft.data.sources import count_records, has_duplicate_keys, iter_raw_records, parse_sources
+from sft.data.json_checks import has_duplicate_keys
+from sft.data.sources import count_records, iter_raw_records, parse_sources
 from sft.tokens.collate import StreamOptions
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.stream import TrainStream
