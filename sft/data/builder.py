@@ -308,13 +308,13 @@ def commit_all(renames: list[tuple[str, str]]) -> None:
             if os.path.lexists(final):
                 backups[final] = f"{tmp}.old"
                 try:
-                    os.link(final, backups[final])
+                    os.link(final, backups[final], follow_symlinks=False)
                 except OSError:  # no hard links here (some network/FUSE file systems): move it aside
                     os.replace(final, backups[final])
         for tmp, final in renames:
             os.replace(tmp, final)
             done.append(final)
-    except OSError as e:
+    except BaseException as e:  # a failed rename, or Ctrl-C between two renames
         for path in reversed(done):
             if path in backups:
                 os.replace(backups.pop(path), path)
@@ -323,7 +323,9 @@ def commit_all(renames: list[tuple[str, str]]) -> None:
         for path, backup in list(backups.items()):
             if not os.path.lexists(path):  # moved aside, not yet replaced
                 os.replace(backups.pop(path), path)
-        raise _write_error(final, e) from None
+        if isinstance(e, OSError):
+            raise _write_error(final, e) from None
+        raise
     finally:
         for backup in backups.values():
             if os.path.lexists(backup):
