@@ -30,6 +30,7 @@ from sft.models import load_tokenizer
 from sft.tokens.collate import StreamOptions
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
+from sft.tokens.prefetch import PrefetchStream
 from sft.tokens.stream import TrainStream
 from sft.train.banner import dtype_line, start_banner
 from sft.train.callbacks import (
@@ -157,6 +158,7 @@ class TrainingRun:
     tokenizer: Any
     model: Any
     stream: TrainStream
+    train_data: PrefetchStream  # what the Trainer iterates: the stream, read ahead on a thread
     eval_batches: list
     collate: Callable[[list], dict]
     sample_log: SampleIdLog
@@ -174,7 +176,8 @@ class TrainingRun:
         return self.args.process_index == 0
 
     def data_state_at(self, step: int) -> dict:
-        return {**self.stream.state_at(step * self.args.gradient_accumulation_steps), "topology": self.topology}
+        # From the batches the Trainer consumed, not from how far the prefetching reader got.
+        return {**self.train_data.state_at(step * self.args.gradient_accumulation_steps), "topology": self.topology}
 
 
 def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] = ()) -> int:
@@ -300,24 +303,34 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
     if config.data.packing and not stream_options.pack_one_row:
         check_packing_isolation(model, tokenizer, config.model.model)
     stats = BatchStats()
+    train_data = PrefetchStream(stream, prefetch_depth(config.data.prefetch_batches, args))
+    stats.data_wait = train_data.waited
     sample_log = SampleIdLog(os.path.join(t.output_dir, f"sample_ids-rank{rank}.jsonl")
                              if config.data.log_sample_ids else None, args.gradient_accumulation_steps)
     return TrainingRun(config=config, args=args, tokenizer=tokenizer, model=model, stream=stream,
+                       train_data=train_data,
                        eval_batches=eval_batches, collate=training_collator(stats, sample_log), sample_log=sample_log,
                        stats=stats, precision=precision, resume=resume, max_steps=max_steps,
                        topology=topology, extra_callbacks=extra_callbacks)
 
 
+def prefetch_depth(requested: int | None, args) -> int:
+    """--prefetch_batches, or its default: 4 on a GPU, 0 on a CPU (a reader thread would take a core from training)."""
+    if requested is not None:
+        return requested
+    return 0 if args.use_cpu or not torch.cuda.is_available() else 4
+
+
 def make_trainer(run: TrainingRun, model, args) -> Trainer:
     """One HF Trainer over the run's stream, collator, loss and callbacks (full_then_lora makes two)."""
     attach_chunked_loss(model)  # the model returns the loss: computed in its forward, where engines gather the head
-    trainer = Trainer(model=model, args=args, train_dataset=run.stream, eval_dataset=run.eval_batches or None,
+    trainer = Trainer(model=model, args=args, train_dataset=run.train_data, eval_dataset=run.eval_batches or None,
                       data_collator=run.collate, processing_class=run.tokenizer)
     apply_requested_engine(trainer)  # FSDP on CPU, or a loud warning when the launch asked for another engine
     attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
                      early_stopping_patience=run.config.data.early_stopping_patience,
                      save_total_limit=run.config.training.save_total_limit,
-                     reading=lambda: run.stream.reading,
+                     reading=lambda: run.train_data.reading,
                      tensorboard="tensorboard" in (args.report_to or []))
     for callback in (run.sample_log, EngineReport(), *run.extra_callbacks):
         trainer.add_callback(callback)
@@ -336,11 +349,12 @@ def fit(run: TrainingRun):
         run.resume,
         finish_checkpoint=lambda folder, step: finish_checkpoint(folder, step, run.data_state_at(step), run.args),
         # Phase 2 must continue the stream where phase 1 stopped, not restart it.
-        before_lora_phase=lambda ckpt: run.stream.load_state(read_data_state(ckpt, rank, world)))
+        before_lora_phase=lambda ckpt: run.train_data.load_state(read_data_state(ckpt, rank, world)))
 
 
 def finish(run: TrainingRun, model) -> None:
     """Act on the outcome: a fault raises; otherwise save the final model if it is final, write run_end.json."""
+    run.train_data.stop()  # the reader thread has nothing more to prepare
     outcome = run.outcome
     if outcome.outcome is Outcome.NONFINITE:
         raise TrainingStoppedError(outcome.message)

@@ -15,7 +15,8 @@ def stub_run(tmp_path, outcome: Outcome, message: str = ""):
     return SimpleNamespace(
         outcome=result, main_process=True, args=SimpleNamespace(output_dir=str(tmp_path)), tokenizer=None,
         config=SimpleNamespace(method=None), trainers=[SimpleNamespace(state=SimpleNamespace(global_step=3))],
-        stream=SimpleNamespace(counters={"read": 6}, encode_stats=SimpleNamespace(summary=lambda: "")))
+        stream=SimpleNamespace(counters={"read": 6}, encode_stats=SimpleNamespace(summary=lambda: "")),
+        train_data=SimpleNamespace(stop=lambda: None))
 
 
 @pytest.mark.parametrize("outcome, status, saved", [
