@@ -47,6 +47,9 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa|eager|flash_attention_2."})
+    fused_loss: str = field(default="auto", metadata={
+        "help": "auto|liger|chunked: the output head + cross-entropy kernel. auto: Liger Kernel's fused linear "
+                "cross-entropy on a CUDA GPU when liger-kernel is installed, else the built-in chunked loss."})
     precision: str = field(
         default="auto", metadata={"help": "auto|bf16|fp16|fp32 (auto: bf16 where the CPU/GPU supports it)."}
     )
@@ -61,11 +64,29 @@ class ModelArguments:
             out.append(f"--template {self.template!r}: expected one of {', '.join(TEMPLATES)}")
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
             out.append(f"--attn_implementation {self.attn_implementation!r}: expected sdpa, eager or flash_attention_2")
+        if self.fused_loss not in ("auto", "liger", "chunked"):
+            out.append(f"--fused_loss {self.fused_loss!r}: expected auto, liger or chunked")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             out.append(f"--precision {self.precision!r}: expected auto, bf16, fp16 or fp32")
         if self.torch_dtype not in TORCH_DTYPES:
             out.append(f"--torch_dtype {self.torch_dtype!r}: expected auto, float32, bfloat16 or float16")
         return out
+
+    def machine_problems(self) -> list[str]:
+        """What this machine cannot run (checked for training, not when a CPU evaluator reads the run)."""
+        import importlib.util
+
+        import torch
+
+        if self.fused_loss != "liger":
+            return []
+        if not torch.cuda.is_available():
+            return ["--fused_loss liger needs a CUDA GPU (Liger's kernels are Triton) and none is visible here: "
+                    "use --fused_loss auto (the chunked loss on CPU)"]
+        if importlib.util.find_spec("liger_kernel") is None:
+            return ["--fused_loss liger needs the liger-kernel package: pip install liger-kernel "
+                    "(or --fused_loss auto, which falls back to the chunked loss)"]
+        return []
 
 
 @dataclass

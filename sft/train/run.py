@@ -54,7 +54,7 @@ from sft.train.collator import BatchStats, SampleIdLog, training_collator
 from sft.train.engine import EngineReport, apply_requested_engine
 from sft.train.export import is_adapter_dir
 from sft.train.hybrid import run_full_then_lora
-from sft.train.loss import attach_chunked_loss
+from sft.train.loss import attach_chunked_loss, choose_fused_loss
 from sft.train.methods import (
     FULL_METHODS,
     count_parameters,
@@ -323,7 +323,12 @@ def prefetch_depth(requested: int | None, args) -> int:
 
 def make_trainer(run: TrainingRun, model, args) -> Trainer:
     """One HF Trainer over the run's stream, collator, loss and callbacks (full_then_lora makes two)."""
-    attach_chunked_loss(model)  # the model returns the loss: computed in its forward, where engines gather the head
+    # The model returns the loss: computed in its forward, where engines gather the head.
+    fused = choose_fused_loss(run.config.model.fused_loss, torch.device(args.device).type)
+    if not run.trainers and run.main_process:
+        logger.info("loss: %s (--fused_loss %s)", "Liger Kernel's fused linear cross-entropy" if fused == "liger"
+                    else "chunked linear cross-entropy (sft.train.linear_cross_entropy)", run.config.model.fused_loss)
+    attach_chunked_loss(model, fused_loss=fused)
     trainer = Trainer(model=model, args=args, train_dataset=run.train_data, eval_dataset=run.eval_batches or None,
                       data_collator=run.collate, processing_class=run.tokenizer)
     apply_requested_engine(trainer)  # FSDP on CPU, or a loud warning when the launch asked for another engine
