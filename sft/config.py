@@ -46,7 +46,10 @@ class ModelArguments:
         default=None, metadata={"help": "Default system prompt for records without one (template default if unset)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa|eager|flash_attention_2."})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "sdpa|eager|flash_attention_2|flex_attention. With --packing, flash and flex attention take each "
+                "micro-batch as one row (flex: torch's own kernel with a per-sample block mask, when flash-attn is "
+                "not installed)."})
     fused_loss: str = field(default="auto", metadata={
         "help": "auto|liger|chunked: the output head + cross-entropy kernel. auto: Liger Kernel's fused linear "
                 "cross-entropy on a CUDA GPU when liger-kernel is installed, else the built-in chunked loss."})
@@ -62,8 +65,9 @@ class ModelArguments:
         out = []
         if self.template not in TEMPLATES:
             out.append(f"--template {self.template!r}: expected one of {', '.join(TEMPLATES)}")
-        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
-            out.append(f"--attn_implementation {self.attn_implementation!r}: expected sdpa, eager or flash_attention_2")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
+            out.append(f"--attn_implementation {self.attn_implementation!r}: expected sdpa, eager, flash_attention_2 "
+                       "or flex_attention")
         if self.fused_loss not in ("auto", "liger", "chunked"):
             out.append(f"--fused_loss {self.fused_loss!r}: expected auto, liger or chunked")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -77,6 +81,16 @@ class ModelArguments:
         import importlib.util
 
         import torch
+
+        out = []
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            out.append("--attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn "
+                       "--no-build-isolation); without it use --attn_implementation flex_attention (torch's own "
+                       "kernel, the same per-sample isolation with --packing) or sdpa")
+        return out + self._liger_problems(torch)
+
+    def _liger_problems(self, torch) -> list[str]:
+        import importlib.util
 
         if self.fused_loss != "liger":
             return []

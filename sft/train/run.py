@@ -51,7 +51,7 @@ from sft.train.checkpoints import (
     write_run_end,
 )
 from sft.train.collator import BatchStats, SampleIdLog, training_collator
-from sft.train.engine import EngineReport, apply_requested_engine
+from sft.train.engine import EngineReport, apply_requested_engine, ddp_find_unused_parameters
 from sft.train.export import is_adapter_dir
 from sft.train.hybrid import run_full_then_lora
 from sft.train.loss import attach_chunked_loss, choose_fused_loss
@@ -66,6 +66,8 @@ from sft.train.methods import (
 from sft.train.output_dir import claim_output_dir
 
 logger = logging.getLogger(__name__)
+
+ONE_ROW_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def cpu_supports_bf16() -> bool:
@@ -107,7 +109,10 @@ def stream_options_for(config: SFTConfig) -> StreamOptions:
         shuffle_buffer=config.data.shuffle_buffer,
         group_by_length=config.data.group_by_length,
         packing=config.data.packing,
-        pack_one_row=config.model.attn_implementation.startswith("flash_attention"),
+        # flash and flex attention take a whole micro-batch as one row (their cost follows each sample's
+        # own length); sdpa/eager would attend over the whole row, so rows as long as the longest sample.
+        pack_one_row=config.model.attn_implementation in ONE_ROW_ATTENTION,
+        flash_kwargs=config.model.attn_implementation.startswith("flash_attention"),
         max_length=config.data.max_length,
         pad_to_multiple_of=config.data.pad_to_multiple_of,
         seed=config.training.seed,
@@ -300,8 +305,8 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
     # A KV cache object in the forward breaks packed-sample isolation and is useless in training.
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
-    if config.data.packing and not stream_options.pack_one_row:
-        check_packing_isolation(model, tokenizer, config.model.model)
+    # Every trainable parameter of a dense model is used each step: no extra graph traversal under DDP.
+    args.ddp_find_unused_parameters = ddp_find_unused_parameters(model, t.ddp_find_unused_parameters)
     stats = BatchStats()
     train_data = PrefetchStream(stream, prefetch_depth(config.data.prefetch_batches, args))
     stats.data_wait = train_data.waited
@@ -337,7 +342,10 @@ def make_trainer(run: TrainingRun, model, args) -> Trainer:
                      save_total_limit=run.config.training.save_total_limit,
                      reading=lambda: run.train_data.reading,
                      tensorboard="tensorboard" in (args.report_to or []))
-    for callback in (run.sample_log, EngineReport(), *run.extra_callbacks):
+    callbacks = [run.sample_log, EngineReport(), *run.extra_callbacks]
+    if run.config.data.packing and not run.trainers:
+        callbacks.insert(0, PackingIsolationCheck(run))
+    for callback in callbacks:
         trainer.add_callback(callback)
     run.trainers.append(trainer)
     return trainer
@@ -391,16 +399,36 @@ def _global_step(run: TrainingRun) -> int | None:
     return run.trainers[-1].state.global_step if run.trainers else None
 
 
-def check_packing_isolation(model, tokenizer, name: str) -> None:
-    """Refuse --packing for a model whose attention does not keep packed samples apart."""
-    from sft.tokens.collate import checked_pad_id, packing_leak
+def check_packing_isolation(model, tokenizer, name: str, one_row: bool = False, flash_kwargs: bool = False) -> None:
+    """Refuse --packing for a model whose attention does not keep packed samples apart (run it on the
+    training device, after placement: the attention kernel there is the one that must isolate)."""
+    from sft.tokens.collate import checked_pad_id, isolation_tolerance, packing_leak
 
-    leak = packing_leak(model, checked_pad_id(tokenizer))
-    if leak > 1e-3:
+    leak = packing_leak(model, checked_pad_id(tokenizer), one_row=one_row, flash_kwargs=flash_kwargs)
+    tolerance = isolation_tolerance(model)
+    if leak > tolerance:
         raise ConfigError(f"--packing: model {name} lets packed samples attend to each other (logits change by "
-                          f"{leak:.1%} when two samples share a row). Its attention does not build the "
-                          "per-sample mask from position_ids; train it with --packing false.")
-    logger.info("Packing isolation checked: packed and separate logits agree (relative difference %.1e)", leak)
+                          f"{leak:.1%} when two samples share a row, tolerance {tolerance:.1%}). Its attention "
+                          f"({getattr(model.config, '_attn_implementation', '?')}) does not build the per-sample "
+                          "mask from position_ids; train it with --packing false.")
+    logger.info("Packing isolation checked on %s: packed and separate logits agree (relative difference %.1e, "
+                "tolerance %.0e)", next(model.parameters()).device, leak, tolerance)
+
+
+class PackingIsolationCheck(TrainerCallback):
+    """check_packing_isolation at train begin: the model is then on its training device (and wrapped by
+    the engine), so the check runs the attention kernel training will use. Once per run."""
+
+    def __init__(self, run: "TrainingRun"):
+        self.run, self.done = run, False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.done or model is None:
+            return
+        options = stream_options_for(self.run.config)
+        check_packing_isolation(model, self.run.tokenizer, self.run.config.model.model,
+                                one_row=options.pack_one_row, flash_kwargs=options.flash_kwargs)
+        self.done = True
 
 
 def _trainer_args(config: SFTConfig, max_steps: int, precision: str, has_eval: bool):

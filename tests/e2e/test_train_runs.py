@@ -94,6 +94,8 @@ def test_packing_trains_exactly_like_unsorted_padded_batches(tmp_path):
         result = _train(common + flags + ["--output_dir", str(tmp_path / name)])
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = _per_step(tmp_path / name)
+        # The isolation check ran at train begin, on the training device, only for the packed run.
+        assert ("Packing isolation checked on cpu" in result.stderr) == (name == "packed"), result.stderr[-3000:]
     (losses_padded, ids_padded), (losses_packed, ids_packed) = runs["padded"], runs["packed"]
     assert ids_packed == ids_padded and all(len(ids) == 4 for ids in ids_packed.values())
     assert sorted(losses_packed) == [1, 2, 3, 4]
