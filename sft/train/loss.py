@@ -292,8 +292,11 @@ def _liger_head_forward(state: ChunkedLoss, pending: dict, original_forward, lin
     kernel, so nothing here waits for the device (the supervised count stays a tensor)."""
     if state.liger_loss is None:
         liger = importlib.import_module("liger_kernel.transformers")
-        state.liger_loss = liger.LigerFusedLinearCrossEntropyLoss(
-            ignore_index=IGNORE_INDEX, reduction="sum", softcap=state.softcap)
+        options = dict(ignore_index=IGNORE_INDEX, reduction="sum", softcap=state.softcap)
+        try:  # the head's gradient accumulated over chunks in fp32, as the chunked path does (liger-kernel >= 0.6)
+            state.liger_loss = liger.LigerFusedLinearCrossEntropyLoss(**options, accum_dtype=torch.float32)
+        except TypeError:
+            state.liger_loss = liger.LigerFusedLinearCrossEntropyLoss(**options)
         logger.info("loss: Liger Kernel's fused linear cross-entropy (--fused_loss)")
     device_type = hidden.device.type
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)

@@ -373,13 +373,15 @@ def fake_liger(monkeypatch):
     calls = []
 
     class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
-        def __init__(self, ignore_index=-100, reduction="mean", softcap=None):
+        def __init__(self, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None):
             super().__init__()
             self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
+            self.accum_dtype = accum_dtype
 
         def forward(self, lin_weight, _input, target, bias=None):
             calls.append({"weight": lin_weight, "input": _input, "target": target, "bias": bias,
-                          "ignore_index": self.ignore_index, "reduction": self.reduction})
+                          "ignore_index": self.ignore_index, "reduction": self.reduction,
+                          "accum_dtype": self.accum_dtype})
             logits = torch.nn.functional.linear(_input, lin_weight, bias).float()
             return torch.nn.functional.cross_entropy(logits, target, ignore_index=self.ignore_index,
                                                      reduction=self.reduction)
@@ -414,6 +416,7 @@ def test_the_liger_call_site_gives_the_chunked_loss_and_gradients(tiny_qwen2, fa
     assert torch.equal(call["target"], batch["labels"][:, 1:].reshape(-1))
     assert call["weight"].shape == tuple(tiny_qwen2.get_output_embeddings().weight.shape)
     assert (call["ignore_index"], call["reduction"], call["bias"]) == (IGNORE_INDEX, "sum", None)
+    assert call["accum_dtype"] is torch.float32  # the head's gradient summed over chunks in fp32
 
 
 def test_liger_is_not_used_for_a_head_that_is_not_a_plain_linear(tiny_qwen2, fake_liger):
