@@ -129,3 +129,9 @@ def test_help_shows_each_default_once(capsys):
     for flag in ("--config", "--max_length", "--finetuning_type", "--early_stopping_patience", "--learning_rate"):
         assert flag in text
     assert "Maximum tokens per sample (longer ones are truncated). (default: 1024)" in text
+
+
+def test_prefetch_batches_must_not_be_negative():
+    with pytest.raises(ConfigError, match=r"--prefetch_batches -1: must be >= 0 \(0: read in the training loop\)"):
+        parse_config(["--model", "tiny-qwen2", "--prefetch_batches", "-1"])
+    assert parse_config(["--model", "tiny-qwen2"]).data.prefetch_batches is None  # the default follows the device

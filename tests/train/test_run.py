@@ -132,3 +132,14 @@ def test_the_end_of_a_run_names_the_next_command():
 
     assert next_command("outputs/demo").endswith("python hf_sft_eval.py --run outputs/demo")
     assert "--resume_from_checkpoint auto" in next_command("outputs/demo", resume=True)
+
+
+def test_prefetch_depth_defaults_to_four_on_a_gpu_and_none_on_a_cpu(monkeypatch):
+    import torch
+
+    cpu, gpu = SimpleNamespace(use_cpu=True), SimpleNamespace(use_cpu=False)
+    assert run_module.prefetch_depth(None, cpu) == 0  # a reader thread would take a core from training
+    assert run_module.prefetch_depth(2, cpu) == 2  # --prefetch_batches wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_module.prefetch_depth(None, gpu) == 4
+    assert run_module.prefetch_depth(0, gpu) == 0
