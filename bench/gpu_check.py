@@ -11,8 +11,12 @@ Cases, in order (bench/gpu_cases.py):
     setup       the random Qwen2.5-0.5B-shaped model saved to a folder (bf16), 4,000 synthetic ShareGPT
                 conversations (median ~570 tokens), their token lengths
     bare        a plain PyTorch forward+backward+AdamW loop, fp32 weights + bf16 autocast, 8 x 2048 tokens
-    hf_full     hf_sft.py --finetuning_type full, batch 8, max_length 2048, 30 steps, bf16
-    hf_packing  the same with --packing (sdpa)
+    hf_full     hf_sft.py --finetuning_type full, batch 8, max_length 2048, 30 steps, bf16, --prefetch_batches 4
+                (every hf_* case: the loss kernel --fused_loss auto picked and logged - Liger with liger-kernel on
+                CUDA -, the data-wait share, under 2% on the GPU)
+    hf_packing  the same with --packing, one row per micro-batch: flash_attention_2 with flash-attn, else
+                flex_attention (sdpa rows on a CPU dry run); the isolation check must have run
+    packed_vs_padded  one batch: packed-row loss == padded loss (bf16 tolerance 2e-2, fp32 1e-4 on a dry run)
     hf_lora     hf_sft.py --finetuning_type lora
     hf_fsdp     the same full fine-tune under accelerate launch --config_file configs/accelerate/fsdp.yaml (1 process)
     hf_zero3    the same under configs/accelerate/deepspeed_zero3.yaml (1 process; skipped without deepspeed)
@@ -65,6 +69,7 @@ CASES = (
     Case("hf_lora", 120, needs=("setup",)),
     Case("hf_fsdp", 150, needs=("setup",)),
     Case("hf_zero3", 150, needs=("setup",)),
+    Case("packed_vs_padded", 120, needs=("setup",)),
     Case("reload", 120, needs=("setup",), needs_cuda=False),
     Case("trl", 150, needs=("setup",)),
 )
@@ -167,8 +172,8 @@ def _fmt(value, spec: str = "") -> str:
 
 
 def render_table(results: list[dict]) -> str:
-    header = ("| case | status | wall s | tokens/s | MFU | padding | loss first → last | peak GPU MiB | note |\n"
-              "|---|---|---:|---:|---:|---:|---|---:|---|")
+    header = ("| case | status | wall s | tokens/s | MFU | padding | data wait | loss first → last | peak GPU MiB "
+              "| note |\n|---|---|---:|---:|---:|---:|---:|---|---:|---|")
     rows = []
     for r in results:
         loss = (f"{r['loss_first']:.3f} → {r['loss_last']:.3f}" if r.get("loss_first") is not None
@@ -177,7 +182,8 @@ def render_table(results: list[dict]) -> str:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         note = str(r.get("note", "")).replace("|", "/").replace("\n", " ")
         rows.append(f"| {r['case']} | {r['status']} | {_fmt(r.get('wall_s'), '.0f')} | {_fmt(r.get('tokens_per_s'), ',.0f')} "
-                    f"| {mfu} | {_fmt(r.get('padding_fraction'), '.1%')} | {loss} | {_fmt(memory, ',')} | {note} |")
+                    f"| {mfu} | {_fmt(r.get('padding_fraction'), '.1%')} | {_fmt(r.get('data_wait_share'), '.1%')} "
+                    f"| {loss} | {_fmt(memory, ',')} | {note} |")
     return header + "\n" + "\n".join(rows)
 
 

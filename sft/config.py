@@ -46,7 +46,13 @@ class ModelArguments:
         default=None, metadata={"help": "Default system prompt for records without one (template default if unset)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa|eager|flash_attention_2."})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "sdpa|eager|flash_attention_2|flex_attention. With --packing, flash and flex attention take each "
+                "micro-batch as one row (flex: torch's own kernel with a per-sample block mask, when flash-attn is "
+                "not installed)."})
+    fused_loss: str = field(default="auto", metadata={
+        "help": "auto|liger|chunked: the output head + cross-entropy kernel. auto: Liger Kernel's fused linear "
+                "cross-entropy on a CUDA GPU when liger-kernel is installed, else the built-in chunked loss."})
     precision: str = field(
         default="auto", metadata={"help": "auto|bf16|fp16|fp32 (auto: bf16 where the CPU/GPU supports it)."}
     )
@@ -59,13 +65,42 @@ class ModelArguments:
         out = []
         if self.template not in TEMPLATES:
             out.append(f"--template {self.template!r}: expected one of {', '.join(TEMPLATES)}")
-        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
-            out.append(f"--attn_implementation {self.attn_implementation!r}: expected sdpa, eager or flash_attention_2")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
+            out.append(f"--attn_implementation {self.attn_implementation!r}: expected sdpa, eager, flash_attention_2 "
+                       "or flex_attention")
+        if self.fused_loss not in ("auto", "liger", "chunked"):
+            out.append(f"--fused_loss {self.fused_loss!r}: expected auto, liger or chunked")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             out.append(f"--precision {self.precision!r}: expected auto, bf16, fp16 or fp32")
         if self.torch_dtype not in TORCH_DTYPES:
             out.append(f"--torch_dtype {self.torch_dtype!r}: expected auto, float32, bfloat16 or float16")
         return out
+
+    def machine_problems(self) -> list[str]:
+        """What this machine cannot run (checked for training, not when a CPU evaluator reads the run)."""
+        import importlib.util
+
+        import torch
+
+        out = []
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            out.append("--attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn "
+                       "--no-build-isolation); without it use --attn_implementation flex_attention (torch's own "
+                       "kernel, the same per-sample isolation with --packing) or sdpa")
+        return out + self._liger_problems(torch)
+
+    def _liger_problems(self, torch) -> list[str]:
+        import importlib.util
+
+        if self.fused_loss != "liger":
+            return []
+        if not torch.cuda.is_available():
+            return ["--fused_loss liger needs a CUDA GPU (Liger's kernels are Triton) and none is visible here: "
+                    "use --fused_loss auto (the chunked loss on CPU)"]
+        if importlib.util.find_spec("liger_kernel") is None:
+            return ["--fused_loss liger needs the liger-kernel package: pip install liger-kernel "
+                    "(or --fused_loss auto, which falls back to the chunked loss)"]
+        return []
 
 
 @dataclass
@@ -103,6 +138,9 @@ class DataArguments:
         default=0, metadata={"help": "Stop after N evaluations without a better validation loss (0: off)."}
     )
     log_sample_ids: bool = field(default=False, metadata={"help": "Write the sample ids of every step (debugging)."})
+    prefetch_batches: int | None = field(default=None, metadata={
+        "help": "Micro-batches read and tokenized ahead on a background thread (0: in the training loop). "
+                "Default: 4 on a GPU, 0 on a CPU (where the thread would take cores from training)."})
     eval_prompts: str | None = field(
         default=None, metadata={"help": "hf_sft_eval.py: prompts file to generate on (default: validation records)."}
     )
@@ -127,6 +165,8 @@ class DataArguments:
                        f"least --max_length ({self.max_length}) tokens")
         if self.train_on_prompt and self.last_turn_only:
             out.append("--train_on_prompt and --last_turn_only cannot be combined")
+        if self.prefetch_batches is not None and self.prefetch_batches < 0:
+            out.append(f"--prefetch_batches {self.prefetch_batches}: must be >= 0 (0: read in the training loop)")
         if self.early_stopping_patience < 0:
             out.append(f"--early_stopping_patience {self.early_stopping_patience}: must be >= 0 (0: off)")
         elif self.early_stopping_patience and not (self.val_data or self.val_size):

@@ -91,6 +91,18 @@ def test_qlora_without_cuda_fails_before_any_model_loads(monkeypatch, capsys):
     assert "Traceback" not in err
 
 
+def test_forced_liger_loss_names_what_the_machine_lacks(monkeypatch):
+    """(Without the package on a GPU: tests/train/test_loss.py, test_fused_loss_selection_and_its_fallback.)"""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--fused_loss liger needs a CUDA GPU .* use --fused_loss auto"):
+        parse_config(["--model", "tiny-qwen2", "--fused_loss", "liger"])
+    assert parse_config(["--model", "tiny-qwen2"]).model.fused_loss == "auto"  # auto never fails: it falls back
+    with pytest.raises(ConfigError, match="--fused_loss 'triton': expected auto, liger or chunked"):
+        parse_config(["--model", "tiny-qwen2", "--fused_loss", "triton"])
+
+
 def test_entry_script_fails_on_cross_field_problems_before_loading(monkeypatch, capsys):
     import hf_sft
     import sft.train.run
@@ -117,3 +129,9 @@ def test_help_shows_each_default_once(capsys):
     for flag in ("--config", "--max_length", "--finetuning_type", "--early_stopping_patience", "--learning_rate"):
         assert flag in text
     assert "Maximum tokens per sample (longer ones are truncated). (default: 1024)" in text
+
+
+def test_prefetch_batches_must_not_be_negative():
+    with pytest.raises(ConfigError, match=r"--prefetch_batches -1: must be >= 0 \(0: read in the training loop\)"):
+        parse_config(["--model", "tiny-qwen2", "--prefetch_batches", "-1"])
+    assert parse_config(["--model", "tiny-qwen2"]).data.prefetch_batches is None  # the default follows the device

@@ -19,7 +19,7 @@ STAGES = [
     "sft.data.steps", "sft.data.builder",
     # canonical conversations -> token ids + labels -> micro-batches
     "sft.tokens", "sft.tokens.template", "sft.tokens.encoding", "sft.tokens.preview", "sft.tokens.collate",
-    "sft.tokens.plan", "sft.tokens.stream", "sft.tokens.evalset",
+    "sft.tokens.plan", "sft.tokens.stream", "sft.tokens.prefetch", "sft.tokens.evalset",
     # micro-batches -> Trainer -> checkpoints
     "sft.train", "sft.train.checkpoints", "sft.train.plots", "sft.train.linear_cross_entropy", "sft.train.loss",
     "sft.train.collator", "sft.train.export", "sft.train.methods", "sft.train.engine",

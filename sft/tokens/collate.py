@@ -3,6 +3,7 @@ is sft.tokens.plan.plan_batches).
 
     pad_collate([s1, s2], tokenizer)             # {"input_ids": (B, L), "labels": (B, L), "attention_mask": (B, L)}
     pack_collate([s1, s2])                       # {"input_ids": (1, T), "labels", "position_ids", "use_cache": False}
+    pack_collate([s1, s2], flash_kwargs=True)    # ... plus cu_seq_lens_q/k (int32) and max_length_q/k (int)
     pack_collate([s1, s2, s3], pad_id=0)         # rows as long as the longest sample, (R, max length)
 
 A sample is an EncodedSample or a mapping with "input_ids" and "labels" (what a datasets row holds).
@@ -32,6 +33,7 @@ class StreamOptions:
     group_by_length: bool = True
     packing: bool = False
     pack_one_row: bool = False  # packing: one row per micro-batch (flash attention) instead of rows of the longest
+    flash_kwargs: bool = False  # one-row packing for flash attention: add cu_seq_lens_q/k and max_length_q/k
     max_length: int = 1024
     pad_to_multiple_of: int | None = None
     seed: int = 42
@@ -102,7 +104,7 @@ def padding_fraction(batch: Mapping[str, Any]) -> float:
 # ------------------------------------------------------------------------------------- packing
 
 
-def pack_collate(samples: list, pad_id: int | None = None) -> dict[str, Any]:
+def pack_collate(samples: list, pad_id: int | None = None, flash_kwargs: bool = False) -> dict[str, Any]:
     """Samples -> packed rows; position_ids restart at 0 for each sample, so none sees another.
 
     One row (pad_id None): all samples concatenated, no padding at all (for flash-attention kernels,
@@ -115,6 +117,12 @@ def pack_collate(samples: list, pad_id: int | None = None) -> dict[str, Any]:
     Each sample's first label is IGNORE_INDEX: predicting it would read the previous sample.
     "padding_tokens" counts the pad positions (there is no attention_mask to count them from).
 
+    flash_kwargs (one row only): the sample boundaries as flash attention's varlen kernel takes them, so
+    transformers does not re-derive them from position_ids in every layer (a device sync each time):
+    cu_seq_lens_q/k = int32 [0, len1, len1+len2, ...] and max_length_q/k = the longest sample, a Python int,
+    the keys and types of DataCollatorWithFlattening(return_flash_attn_kwargs=True):
+        [[1, 2, 3], [4, 5]] -> cu_seq_lens_q tensor([0, 3, 5], dtype=int32), max_length_q 3
+
     The one-row layout is what transformers' DataCollatorWithFlattening builds (separator -100 as each
     sample's first label, restarting position_ids); it is kept here because the several-rows layout
     needs this code anyway, and one function for both keeps their labels and counts identical.
@@ -123,6 +131,8 @@ def pack_collate(samples: list, pad_id: int | None = None) -> dict[str, Any]:
         raise ValueError("pack_collate got an empty batch")
     pairs = [_ids_labels(s) for s in samples]
     sizes = [len(ids) for ids, _ in pairs]
+    if flash_kwargs and pad_id is not None:
+        raise ValueError("pack_collate: flash_kwargs describe one packed row; call it with pad_id=None")
     if pad_id is None:
         rows, width = [list(range(len(pairs)))], sum(sizes)
     else:
@@ -143,13 +153,17 @@ def pack_collate(samples: list, pad_id: int | None = None) -> dict[str, Any]:
         labels.append(labels_row + [IGNORE_INDEX] * tail)
         positions += range(tail)
         position_ids.append(positions)
-    return {
+    out = {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         "use_cache": False,  # a KV cache object disables transformers' packed-sequence masking
         "padding_tokens": len(rows) * width - sum(sizes),
     }
+    if flash_kwargs:
+        bounds = torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        out.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(sizes), max_length_k=max(sizes))
+    return out
 
 
 def _first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
@@ -176,25 +190,27 @@ def _vocab_size(model) -> int:
                      "the isolation check's token ids")
 
 
-def packing_leak(model, pad_id: int, one_row: bool = False) -> float:
+def packing_leak(model, pad_id: int, one_row: bool = False, flash_kwargs: bool = False) -> float:
     """How much packing changes a model's logits: 0.0 when packed samples are isolated.
 
     Packing relies on the model building a block-diagonal mask from position_ids (transformers'
-    masking_utils does, for the architectures that use it); a model that ignores position_ids for
-    masking would let samples attend to each other without any error. This runs three short samples
-    packed (the two shorter ones share a row) and alone, and returns the largest logit difference
-    relative to the logit scale.
+    masking_utils does, for the architectures that use it; flex attention gets it as a document
+    BlockMask), or on flash attention's cu_seq_lens (flash_kwargs); a model that ignores them would
+    let samples attend to each other without any error. This runs three short samples packed (the
+    two shorter ones share a row) and alone, on the model's device, and returns the largest logit
+    difference relative to the logit scale.
     """
     vocab = _vocab_size(model)
     texts = [[(k * i + 3 * k) % vocab for i in range(n)] for k, n in ((7, 11), (11, 6), (13, 5))]
     samples = [{"input_ids": ids, "labels": ids} for ids in texts]
-    batch = pack_collate(samples, None if one_row else pad_id)
+    batch = pack_collate(samples, None if one_row else pad_id, flash_kwargs=flash_kwargs and one_row)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids")}
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+                      if k in ("input_ids", "position_ids") or k.startswith(("cu_seq_lens", "max_length"))}
             packed = model(**inputs, use_cache=False).logits.float()
             flat = packed.reshape(-1, packed.shape[-1])
             ids = inputs["input_ids"].reshape(-1).tolist()
@@ -209,10 +225,22 @@ def packing_leak(model, pad_id: int, one_row: bool = False) -> float:
     return worst / scale
 
 
+def isolation_tolerance(model) -> float:
+    """The largest packing_leak that still means "isolated", for the precision the model's weights hold.
+
+    fp32 weights: 1e-3 (measured ~3e-7 on tiny-qwen2). Half-precision or quantized weights (bf16, fp16,
+    bitsandbytes 4-bit storage): the packed and the separate forward round differently, so 5e-2 (tiny-qwen2
+    in bf16: 7e-3 isolated; a leak, samples attending to each other: 0.72).
+    """
+    dtypes = {p.dtype for p in model.parameters()}
+    return 1e-3 if dtypes <= {torch.float32, torch.float64} else 5e-2
+
+
 def collate_batch(batch: list[dict], tokenizer, options: StreamOptions) -> dict:
     """Samples -> model inputs (sft.tokens.collate); `sample_ids` travels along for logging."""
     if options.packing:
-        out = pack_collate(batch, None if options.pack_one_row else checked_pad_id(tokenizer))
+        out = pack_collate(batch, None if options.pack_one_row else checked_pad_id(tokenizer),
+                           flash_kwargs=options.flash_kwargs)
     else:
         out = pad_collate(batch, tokenizer, options.pad_to_multiple_of)
     out["sample_ids"] = [s["id"] for s in batch]

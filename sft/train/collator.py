@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 import torch
 from transformers import TrainerCallback
@@ -35,6 +36,8 @@ class BatchStats:
         self._queue: deque[tuple[int, int, int, int]] = deque()
         self._lock = threading.Lock()
         self.paused = False  # set while evaluating: eval batches go through the same collator
+        # Seconds the training loop has waited for batches so far (sft.tokens.prefetch.PrefetchStream.waited)
+        self.data_wait: Callable[[], float] | None = None
 
     def record(self, batch: dict, samples: int = 0) -> None:
         if self.paused:
@@ -122,8 +125,16 @@ def _sum_over_processes(values: list[float], args) -> list[float]:
     return tensor.tolist()
 
 
+def _max_over_processes(value: float, args) -> float:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=args.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 class ThroughputCallback(TrainerCallback):
-    """Adds tokens_per_second, supervised_tokens and padding_fraction to each training log.
+    """Adds tokens_per_second, supervised_tokens, padding_fraction and data_wait_share to each training log.
 
     Values cover the steps since the previous log, summed over all processes. Step time runs from
     the end of one step to the end of the next, so data loading is included and time spent in
@@ -132,6 +143,10 @@ class ThroughputCallback(TrainerCallback):
     The end-of-training summary gets the true `train_samples_per_second` and a `train_tokens_per_second`
     (samples and real tokens this train() call trained, over its runtime): the Trainer's own figure
     counts one sample per micro-batch, since the stream hands it whole batches of batch size 1.
+
+    data_wait_share: the part of the step time the training loop spent waiting for the stream's next batch
+    (reading and tokenizing not hidden by the prefetch thread), the largest over processes; present when
+    the stats carry a `data_wait` clock.
     """
 
     def __init__(self, stats: BatchStats):
@@ -145,6 +160,10 @@ class ThroughputCallback(TrainerCallback):
         self._real = self._supervised = self._padded = 0
         self._seconds = 0.0
         self._complete = True
+        self._wait_mark = self._waited()
+
+    def _waited(self) -> float:
+        return self.stats.data_wait() if self.stats.data_wait is not None else 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.stats.clear()  # drop batches of an evaluate() run before train()
@@ -206,6 +225,9 @@ class ThroughputCallback(TrainerCallback):
             logs["tokens_per_second"] = round(real / self._seconds, 1) if self._seconds > 0 else 0.0
             logs["supervised_tokens"] = int(supervised)
             logs["padding_fraction"] = round(padded / (real + padded), 4) if real + padded else 0.0
+        if self.stats.data_wait is not None:  # on every process (a collective)
+            share = (self._waited() - self._wait_mark) / self._seconds if self._seconds > 0 else 0.0
+            logs["data_wait_share"] = round(_max_over_processes(min(share, 1.0), args), 4)
         self._reset_window()
 
     def _true_summary(self, args, logs: dict) -> None:

@@ -146,3 +146,27 @@ class EngineReport(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._write(args, model, "end")
+
+
+# Config fields that mark a mixture-of-experts model: a router sends each token to a few experts, so a
+# micro-batch can leave an expert (and its LoRA adapters) without a gradient.
+MOE_CONFIG_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def ddp_find_unused_parameters(model, requested: bool | None = None) -> bool:
+    """DDP's find_unused_parameters for this model: False where every trainable parameter gets a gradient.
+
+    The Trainer's default is True for a PEFT model (and for any model without gradient checkpointing),
+    which costs a traversal of the autograd graph every step. Here the loss (sft.train.loss) keeps the
+    whole model in the graph even for a micro-batch without supervised tokens, so for a dense model every
+    trainable parameter (full, freeze, LoRA/DoRA/QLoRA adapters, prompt-tuning embeddings) is used in every
+    forward: False. A mixture-of-experts model may route no token to an expert: True. An explicit
+    --ddp_find_unused_parameters (requested) wins.
+    """
+    if requested is not None:
+        return requested
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    experts = [getattr(config, name, None) for name in MOE_CONFIG_FIELDS]
+    return any(isinstance(n, int) and n > 1 for n in experts)

@@ -44,13 +44,21 @@ the applied gradient is the mean over every supervised token of the optimizer st
 accumulation 1 equals batch 1 x accumulation 4. Without `num_items_in_batch` (evaluation, a direct
 call) the batch's own count is used.
 
+Kernel (`fused_loss`): on a CUDA device with liger-kernel installed, the plain-Linear case calls Liger
+Kernel's LigerFusedLinearCrossEntropyLoss (Triton; it also computes the gradients in its forward, so the
+engine argument above holds) on every position of the micro-batch with IGNORE_INDEX targets: no
+boolean-mask gather, so no device sync per micro-batch. Elsewhere (CPU, no liger-kernel, a wrapped head)
+the chunked torch path below runs. `choose_fused_loss` decides; `--fused_loss auto|liger|chunked`.
+
 Wiring (sft.train.run):
 
-    attach_chunked_loss(model)          # before the Trainer wraps it
+    attach_chunked_loss(model, fused_loss=choose_fused_loss("auto", args.device.type))  # before the Trainer wraps it
     trainer = Trainer(model=model, ...) # no compute_loss_func: the model returns the loss
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +73,35 @@ from sft.train.linear_cross_entropy import linear_cross_entropy_sum
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1024
+FUSED_LOSSES = ("auto", "liger", "chunked")
+
+
+def liger_available() -> bool:
+    """liger-kernel is importable (an optional dependency: GPU machines only)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def choose_fused_loss(requested: str, device_type: str) -> str:
+    """--fused_loss and the training device -> "liger" or "chunked".
+
+    auto: liger on CUDA when liger-kernel is installed, else chunked. liger: refused (ValueError naming the
+    flag and the fix) off CUDA or without the package. chunked: always chunked.
+    """
+    if requested not in FUSED_LOSSES:
+        raise ValueError(f"--fused_loss {requested!r}: expected one of {', '.join(FUSED_LOSSES)}")
+    if requested == "chunked":
+        return "chunked"
+    if device_type != "cuda":
+        if requested == "liger":
+            raise ValueError(f"--fused_loss liger needs a CUDA device (Liger's kernels are Triton); this run trains "
+                             f"on {device_type}: use --fused_loss auto or chunked")
+        return "chunked"
+    if not liger_available():
+        if requested == "liger":
+            raise ValueError("--fused_loss liger: the liger-kernel package is not installed: pip install "
+                             "liger-kernel, or use --fused_loss auto (falls back to the chunked loss)")
+        return "chunked"
+    return "liger"
 
 
 @dataclass
@@ -78,6 +115,8 @@ class ChunkedLoss:
     softcap: float | None = None
     pending: dict | None = None  # labels/num_items of the forward in progress, then its loss
     head_checked: bool = False
+    fused_loss: str = "chunked"  # "liger" or "chunked" (choose_fused_loss)
+    liger_loss: Any = None  # the LigerFusedLinearCrossEntropyLoss module, made on first use
     chunks_run: list = field(default_factory=list)  # chunks per forward, for tests and reports
     handles: list = field(default_factory=list)
 
@@ -96,15 +135,21 @@ class ChunkedLoss:
         self.remove()
 
 
-def attach_chunked_loss(model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ChunkedLoss:
+def attach_chunked_loss(model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        fused_loss: str = "chunked") -> ChunkedLoss:
     """Make `model(..., labels=L, num_items_in_batch=N).loss` the chunked supervised-only loss.
 
     model: the top-level model the Trainer calls (plain, PEFT-wrapped, tied or untied embeddings);
         attach before an engine wraps it. Without labels the model behaves as before (generation).
     chunk_size: supervised positions projected to the vocabulary at once; peak extra memory is about
         2 x chunk_size x vocab x 4 bytes, plus the head's gradient (fp32) when the head is trained.
+    fused_loss: "chunked", or "liger" (Liger Kernel's fused linear cross-entropy for a plain-Linear head;
+        see choose_fused_loss).
     Returns the handle (also a context manager) whose `remove()` undoes it.
     """
+    if fused_loss not in ("liger", "chunked"):
+        raise ValueError(f"attach_chunked_loss: fused_loss={fused_loss!r}; expected 'liger' or 'chunked' "
+                         "(choose_fused_loss resolves 'auto')")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"attach_chunked_loss: chunk_size={chunk_size!r}; expected a positive int such as 1024")
     head = model.get_output_embeddings()
@@ -123,7 +168,7 @@ def attach_chunked_loss(model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK_
     if old is not None:
         old.remove()
     state = ChunkedLoss(model=model, head=head, chunk_size=chunk_size, virtual_tokens=_virtual_token_count(model),
-                        softcap=getattr(config, "final_logit_softcapping", None))
+                        softcap=getattr(config, "final_logit_softcapping", None), fused_loss=fused_loss)
     # The head's own forward (LoRA/modules_to_save wrappers included), not an earlier attach's patch
     # (full_then_lora attaches again to the PEFT model around the same head).
     original_forward = head.__dict__.get("_sft_original_forward") or head.forward
@@ -192,9 +237,13 @@ def _head_forward(state: ChunkedLoss, original_forward, hidden: torch.Tensor, *a
     def chunk_loss_sum(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(chunk_logits(h), targets, reduction="sum")
 
-    # Position t predicts label t+1; gather only the supervised predictions (packed rows included:
-    # the batching stage masks each sample's first label, so no prediction crosses a boundary).
+    # Position t predicts label t+1 (packed rows included: the batching stage masks each sample's first
+    # label, so no prediction crosses a boundary).
     targets = labels[:, 1:].to(hidden.device)
+    linear = _plain_linear(state.head) if not args and not kwargs else None
+    if state.fused_loss == "liger" and linear is not None:
+        return _liger_head_forward(state, pending, original_forward, linear, hidden, targets)
+    # Gather only the supervised predictions.
     supervised = targets != IGNORE_INDEX
     picked_hidden = hidden[:, :-1][supervised]
     picked_targets = targets[supervised]
@@ -204,7 +253,6 @@ def _head_forward(state: ChunkedLoss, original_forward, hidden: torch.Tensor, *a
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
     count = picked_targets.numel()
     chunks = -(-count // state.chunk_size)
-    linear = _plain_linear(state.head) if not args and not kwargs else None
     if count and linear is not None:
         # Loss and gradients in this forward, while the engine holds the head's weight (no recompute).
         device_type = hidden.device.type
@@ -235,6 +283,42 @@ def _head_forward(state: ChunkedLoss, original_forward, hidden: torch.Tensor, *a
     with torch.no_grad():
         ours = chunk_logits(hidden[:, -1].detach())
     pending.update(loss_sum=total, carrier=last, count=int(count), last_logits=ours)
+    return last
+
+
+def _liger_head_forward(state: ChunkedLoss, pending: dict, original_forward, linear: torch.nn.Linear,
+                        hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The head's forward with Liger's fused linear cross-entropy: every position, IGNORE_INDEX skipped in the
+    kernel, so nothing here waits for the device (the supervised count stays a tensor)."""
+    if state.liger_loss is None:
+        liger = importlib.import_module("liger_kernel.transformers")
+        options = dict(ignore_index=IGNORE_INDEX, reduction="sum", softcap=state.softcap)
+        try:  # the head's gradient accumulated over chunks in fp32, as the chunked path does (liger-kernel >= 0.6)
+            state.liger_loss = liger.LigerFusedLinearCrossEntropyLoss(**options, accum_dtype=torch.float32)
+        except TypeError:
+            state.liger_loss = liger.LigerFusedLinearCrossEntropyLoss(**options)
+        logger.info("loss: Liger Kernel's fused linear cross-entropy (--fused_loss)")
+    device_type = hidden.device.type
+    compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else linear.weight.dtype)
+    flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(compute_dtype)
+    flat_targets = targets.reshape(-1)
+    # Liger's kernel is not autocast-aware: hidden and weight in one dtype (the cast's backward gives the
+    # fp32 master weight its gradient).
+    with torch.autocast(device_type, enabled=False):
+        total = state.liger_loss(linear.weight.to(compute_dtype), flat_hidden, flat_targets,
+                                 None if linear.bias is None else linear.bias.to(compute_dtype))
+    if isinstance(total, tuple):  # versions that can also return a z-loss
+        total = total[0]
+    last = original_forward(hidden[:, -1:])
+    state.chunks_run.append(1)
+    del state.chunks_run[:-64]
+    with torch.no_grad():
+        ours = original_forward(hidden[:, -1].detach()).float()
+        if state.softcap is not None:
+            ours = state.softcap * torch.tanh(ours / state.softcap)
+    pending.update(loss_sum=total.float(), carrier=last, count=(flat_targets != IGNORE_INDEX).sum(),
+                   last_logits=ours)
     return last
 
 

@@ -30,6 +30,7 @@ from sft.models import load_tokenizer
 from sft.tokens.collate import StreamOptions
 from sft.tokens.encoding import EncodeOptions
 from sft.tokens.evalset import build_eval_batches, read_conversations
+from sft.tokens.prefetch import PrefetchStream
 from sft.tokens.stream import TrainStream
 from sft.train.banner import dtype_line, start_banner
 from sft.train.callbacks import (
@@ -50,10 +51,10 @@ from sft.train.checkpoints import (
     write_run_end,
 )
 from sft.train.collator import BatchStats, SampleIdLog, training_collator
-from sft.train.engine import EngineReport, apply_requested_engine
+from sft.train.engine import EngineReport, apply_requested_engine, ddp_find_unused_parameters
 from sft.train.export import is_adapter_dir
 from sft.train.hybrid import run_full_then_lora
-from sft.train.loss import attach_chunked_loss
+from sft.train.loss import attach_chunked_loss, choose_fused_loss
 from sft.train.methods import (
     FULL_METHODS,
     count_parameters,
@@ -65,6 +66,8 @@ from sft.train.methods import (
 from sft.train.output_dir import claim_output_dir
 
 logger = logging.getLogger(__name__)
+
+ONE_ROW_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def cpu_supports_bf16() -> bool:
@@ -106,7 +109,10 @@ def stream_options_for(config: SFTConfig) -> StreamOptions:
         shuffle_buffer=config.data.shuffle_buffer,
         group_by_length=config.data.group_by_length,
         packing=config.data.packing,
-        pack_one_row=config.model.attn_implementation.startswith("flash_attention"),
+        # flash and flex attention take a whole micro-batch as one row (their cost follows each sample's
+        # own length); sdpa/eager would attend over the whole row, so rows as long as the longest sample.
+        pack_one_row=config.model.attn_implementation in ONE_ROW_ATTENTION,
+        flash_kwargs=config.model.attn_implementation.startswith("flash_attention"),
         max_length=config.data.max_length,
         pad_to_multiple_of=config.data.pad_to_multiple_of,
         seed=config.training.seed,
@@ -157,6 +163,7 @@ class TrainingRun:
     tokenizer: Any
     model: Any
     stream: TrainStream
+    train_data: PrefetchStream  # what the Trainer iterates: the stream, read ahead on a thread
     eval_batches: list
     collate: Callable[[list], dict]
     sample_log: SampleIdLog
@@ -174,7 +181,8 @@ class TrainingRun:
         return self.args.process_index == 0
 
     def data_state_at(self, step: int) -> dict:
-        return {**self.stream.state_at(step * self.args.gradient_accumulation_steps), "topology": self.topology}
+        # From the batches the Trainer consumed, not from how far the prefetching reader got.
+        return {**self.train_data.state_at(step * self.args.gradient_accumulation_steps), "topology": self.topology}
 
 
 def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] = ()) -> int:
@@ -297,29 +305,47 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
     # A KV cache object in the forward breaks packed-sample isolation and is useless in training.
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
-    if config.data.packing and not stream_options.pack_one_row:
-        check_packing_isolation(model, tokenizer, config.model.model)
+    # Every trainable parameter of a dense model is used each step: no extra graph traversal under DDP.
+    args.ddp_find_unused_parameters = ddp_find_unused_parameters(model, t.ddp_find_unused_parameters)
     stats = BatchStats()
+    train_data = PrefetchStream(stream, prefetch_depth(config.data.prefetch_batches, args))
+    stats.data_wait = train_data.waited
     sample_log = SampleIdLog(os.path.join(t.output_dir, f"sample_ids-rank{rank}.jsonl")
                              if config.data.log_sample_ids else None, args.gradient_accumulation_steps)
     return TrainingRun(config=config, args=args, tokenizer=tokenizer, model=model, stream=stream,
+                       train_data=train_data,
                        eval_batches=eval_batches, collate=training_collator(stats, sample_log), sample_log=sample_log,
                        stats=stats, precision=precision, resume=resume, max_steps=max_steps,
                        topology=topology, extra_callbacks=extra_callbacks)
 
 
+def prefetch_depth(requested: int | None, args) -> int:
+    """--prefetch_batches, or its default: 4 on a GPU, 0 on a CPU (a reader thread would take a core from training)."""
+    if requested is not None:
+        return requested
+    return 0 if args.use_cpu or not torch.cuda.is_available() else 4
+
+
 def make_trainer(run: TrainingRun, model, args) -> Trainer:
     """One HF Trainer over the run's stream, collator, loss and callbacks (full_then_lora makes two)."""
-    attach_chunked_loss(model)  # the model returns the loss: computed in its forward, where engines gather the head
-    trainer = Trainer(model=model, args=args, train_dataset=run.stream, eval_dataset=run.eval_batches or None,
+    # The model returns the loss: computed in its forward, where engines gather the head.
+    fused = choose_fused_loss(run.config.model.fused_loss, torch.device(args.device).type)
+    if not run.trainers and run.main_process:
+        logger.info("loss: %s (--fused_loss %s)", "Liger Kernel's fused linear cross-entropy" if fused == "liger"
+                    else "chunked linear cross-entropy (sft.train.linear_cross_entropy)", run.config.model.fused_loss)
+    attach_chunked_loss(model, fused_loss=fused)
+    trainer = Trainer(model=model, args=args, train_dataset=run.train_data, eval_dataset=run.eval_batches or None,
                       data_collator=run.collate, processing_class=run.tokenizer)
     apply_requested_engine(trainer)  # FSDP on CPU, or a loud warning when the launch asked for another engine
     attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
                      early_stopping_patience=run.config.data.early_stopping_patience,
                      save_total_limit=run.config.training.save_total_limit,
-                     reading=lambda: run.stream.reading,
+                     reading=lambda: run.train_data.reading,
                      tensorboard="tensorboard" in (args.report_to or []))
-    for callback in (run.sample_log, EngineReport(), *run.extra_callbacks):
+    callbacks = [run.sample_log, EngineReport(), *run.extra_callbacks]
+    if run.config.data.packing and not run.trainers:
+        callbacks.insert(0, PackingIsolationCheck(run))
+    for callback in callbacks:
         trainer.add_callback(callback)
     run.trainers.append(trainer)
     return trainer
@@ -336,11 +362,12 @@ def fit(run: TrainingRun):
         run.resume,
         finish_checkpoint=lambda folder, step: finish_checkpoint(folder, step, run.data_state_at(step), run.args),
         # Phase 2 must continue the stream where phase 1 stopped, not restart it.
-        before_lora_phase=lambda ckpt: run.stream.load_state(read_data_state(ckpt, rank, world)))
+        before_lora_phase=lambda ckpt: run.train_data.load_state(read_data_state(ckpt, rank, world)))
 
 
 def finish(run: TrainingRun, model) -> None:
     """Act on the outcome: a fault raises; otherwise save the final model if it is final, write run_end.json."""
+    run.train_data.stop()  # the reader thread has nothing more to prepare
     outcome = run.outcome
     if outcome.outcome is Outcome.NONFINITE:
         raise TrainingStoppedError(outcome.message)
@@ -372,16 +399,36 @@ def _global_step(run: TrainingRun) -> int | None:
     return run.trainers[-1].state.global_step if run.trainers else None
 
 
-def check_packing_isolation(model, tokenizer, name: str) -> None:
-    """Refuse --packing for a model whose attention does not keep packed samples apart."""
-    from sft.tokens.collate import checked_pad_id, packing_leak
+def check_packing_isolation(model, tokenizer, name: str, one_row: bool = False, flash_kwargs: bool = False) -> None:
+    """Refuse --packing for a model whose attention does not keep packed samples apart (run it on the
+    training device, after placement: the attention kernel there is the one that must isolate)."""
+    from sft.tokens.collate import checked_pad_id, isolation_tolerance, packing_leak
 
-    leak = packing_leak(model, checked_pad_id(tokenizer))
-    if leak > 1e-3:
+    leak = packing_leak(model, checked_pad_id(tokenizer), one_row=one_row, flash_kwargs=flash_kwargs)
+    tolerance = isolation_tolerance(model)
+    if leak > tolerance:
         raise ConfigError(f"--packing: model {name} lets packed samples attend to each other (logits change by "
-                          f"{leak:.1%} when two samples share a row). Its attention does not build the "
-                          "per-sample mask from position_ids; train it with --packing false.")
-    logger.info("Packing isolation checked: packed and separate logits agree (relative difference %.1e)", leak)
+                          f"{leak:.1%} when two samples share a row, tolerance {tolerance:.1%}). Its attention "
+                          f"({getattr(model.config, '_attn_implementation', '?')}) does not build the per-sample "
+                          "mask from position_ids; train it with --packing false.")
+    logger.info("Packing isolation checked on %s: packed and separate logits agree (relative difference %.1e, "
+                "tolerance %.0e)", next(model.parameters()).device, leak, tolerance)
+
+
+class PackingIsolationCheck(TrainerCallback):
+    """check_packing_isolation at train begin: the model is then on its training device (and wrapped by
+    the engine), so the check runs the attention kernel training will use. Once per run."""
+
+    def __init__(self, run: "TrainingRun"):
+        self.run, self.done = run, False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.done or model is None:
+            return
+        options = stream_options_for(self.run.config)
+        check_packing_isolation(model, self.run.tokenizer, self.run.config.model.model,
+                                one_row=options.pack_one_row, flash_kwargs=options.flash_kwargs)
+        self.done = True
 
 
 def _trainer_args(config: SFTConfig, max_steps: int, precision: str, has_eval: bool):

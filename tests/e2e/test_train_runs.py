@@ -43,6 +43,8 @@ def _per_step(output_dir: Path) -> tuple[dict, dict]:
 
 
 def test_resume_after_sigkill_continues_exactly(tmp_path):
+    """The killed and resumed run reads 3 batches ahead on a thread (--prefetch_batches 3), the straight one in
+    the loop: the checkpoint's data position and every step's samples must not depend on it."""
     data = tmp_path / "train.jsonl"
     _write_data(data, 60)
     common = ["--data", str(data), "--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "2",
@@ -51,13 +53,14 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     straight = _train(common + ["--output_dir", str(tmp_path / "straight")])
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = _train(common + ["--output_dir", str(tmp_path / "resumed")],
+    prefetch = ["--prefetch_batches", "3"]
+    killed = _train(common + prefetch + ["--output_dir", str(tmp_path / "resumed")],
                     script=[str(Path(__file__).with_name("fault_launcher.py")), "--kill_after_save", "3"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (tmp_path / "resumed" / "checkpoint-3" / "COMPLETE").exists()
     assert not (tmp_path / "resumed" / "checkpoint-6").exists()
 
-    resumed = _train(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "auto"])
+    resumed = _train(common + prefetch + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     losses_a, ids_a = _per_step(tmp_path / "straight")
@@ -72,6 +75,12 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
         assert losses_b[step] == pytest.approx(losses_a[step], rel=1e-4, abs=1e-4), step
     state = json.loads((tmp_path / "resumed" / "checkpoint-3" / "data_state.json").read_text())
     assert state["batches"] == 6  # 3 steps x 2 accumulation micro-batches consumed
+    unprefetched = json.loads((tmp_path / "straight" / "checkpoint-3" / "data_state.json").read_text())
+    position = ("cycle", "cycle_state", "cycle_start", "offset", "batches")
+    assert {k: state[k] for k in position} == {k: unprefetched[k] for k in position}
+    logs = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    shares = [rec["data_wait_share"] for rec in logs if "loss" in rec]
+    assert shares and all(0.0 <= share <= 1.0 for share in shares)
 
 
 def test_packing_trains_exactly_like_unsorted_padded_batches(tmp_path):
@@ -85,6 +94,8 @@ def test_packing_trains_exactly_like_unsorted_padded_batches(tmp_path):
         result = _train(common + flags + ["--output_dir", str(tmp_path / name)])
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = _per_step(tmp_path / name)
+        # The isolation check ran at train begin, on the training device, only for the packed run.
+        assert ("Packing isolation checked on cpu" in result.stderr) == (name == "packed"), result.stderr[-3000:]
     (losses_padded, ids_padded), (losses_packed, ids_packed) = runs["padded"], runs["packed"]
     assert ids_packed == ids_padded and all(len(ids) == 4 for ids in ids_packed.values())
     assert sorted(losses_packed) == [1, 2, 3, 4]

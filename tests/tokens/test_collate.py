@@ -71,6 +71,35 @@ def test_pack_collate_literal():
     assert padding_fraction(batch) == 0.0
 
 
+def test_one_packed_row_carries_the_flash_attention_boundaries():
+    samples = [_sample([5, 6, 7], [M, 6, 7]), _sample([8, 9], [8, 9]), _sample([10, 11, 12, 13], [M, M, 12, 13])]
+    batch = pack_collate(samples, flash_kwargs=True)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert batch[key].dtype == torch.int32 and batch[key].tolist() == [0, 3, 5, 9]
+    assert (batch["max_length_q"], batch["max_length_k"]) == (4, 4)
+    assert type(batch["max_length_q"]) is int and type(batch["max_length_k"]) is int
+    assert "cu_seq_lens_q" not in pack_collate(samples)  # only when asked (flash attention)
+
+    # The same keys, values and types as transformers' own flattening collator.
+    from transformers import DataCollatorWithFlattening
+
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": list(s.input_ids), "labels": list(s.labels)} for s in samples])
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        assert type(batch[key]) is type(theirs[key]), key
+        if torch.is_tensor(theirs[key]):
+            assert batch[key].dtype == theirs[key].dtype and torch.equal(batch[key], theirs[key]), key
+        else:
+            assert batch[key] == theirs[key], key
+    assert torch.equal(batch["position_ids"], theirs["position_ids"].long())
+    assert torch.equal(batch["labels"], theirs["labels"].long())
+
+
+def test_flash_boundaries_describe_one_row_only():
+    with pytest.raises(ValueError, match="flash_kwargs describe one packed row; call it with pad_id=None"):
+        pack_collate([_sample([1, 2], [1, 2])], pad_id=0, flash_kwargs=True)
+
+
 def test_pack_collate_rows_literal():
     samples = [_sample([1, 2, 3], [M, 2, 3]), _sample([4], [4]), _sample([5, 6], [M, 6]), _sample([7, 8], [M, 8])]
     batch = pack_collate(samples, pad_id=0)
@@ -179,3 +208,56 @@ def test_packing_check_reads_the_vocabulary_from_the_config_not_a_partitioned_we
     model.get_input_embeddings().weight = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves on a rank
     model.get_input_embeddings().forward = lambda ids: model.get_output_embeddings().weight[ids]  # tied: same values
     assert packing_leak(model, qwen_tokenizer.pad_token_id) == full
+
+
+@pytest.fixture
+def eager_flex_attention(monkeypatch):
+    """transformers compiles flex attention; torch 2.13's inductor CPU template for it does not compile here
+    (g++: "'cur_qSplitSize4' was not declared in this scope"), so on CPU the model calls torch's flex_attention
+    uncompiled: the same BlockMask from the same position_ids, the same masking semantics, only slower.
+    Returns the BlockMasks flex attention was called with."""
+    import transformers.integrations.flex_attention as integration
+    from torch.nn.attention.flex_attention import flex_attention
+
+    masks = []
+
+    def uncompiled(query, key, value, block_mask=None, **kwargs):
+        masks.append(block_mask)
+        return flex_attention(query, key, value, block_mask=block_mask, **kwargs)
+
+    monkeypatch.setattr(integration.WrappedFlexAttention, "__init__", lambda self, training: None)
+    monkeypatch.setattr(integration.WrappedFlexAttention, "__call__", lambda self: uncompiled)
+    return masks
+
+
+def test_flex_attention_document_mask_isolates_one_packed_row(qwen_tokenizer, eager_flex_attention):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from sft.models import load_model
+    from sft.train.run import check_packing_isolation
+
+    model = load_model("tiny-qwen2", attn_implementation="flex_attention").train()
+    model.config.use_cache = False
+    assert packing_leak(model, qwen_tokenizer.pad_token_id, one_row=True) < 1e-5
+    assert eager_flex_attention and all(isinstance(m, BlockMask) for m in eager_flex_attention)
+    # The packed call's mask is block-diagonal: 22 positions, samples of 11, 6 and 5 tokens -> 11*12/2 + 6*7/2 + 5*6/2.
+    mask_mod = eager_flex_attention[0].mask_mod
+    zero, q, kv = torch.tensor(0), torch.arange(22)[:, None], torch.arange(22)[None, :]
+    packed_mask = mask_mod(zero, zero, q, kv)
+    assert int(packed_mask.sum()) == 66 + 21 + 15
+    assert not packed_mask[11:17, :11].any() and not packed_mask[17:, :17].any()  # no sample sees an earlier one
+    check_packing_isolation(model, qwen_tokenizer, "tiny-qwen2", one_row=True)  # no error
+    assert model.training
+
+
+def test_isolation_tolerance_follows_the_weight_precision(qwen_tokenizer):
+    from sft.models import load_model
+    from sft.tokens.collate import isolation_tolerance
+
+    model = load_model("tiny-qwen2")
+    assert isolation_tolerance(model) == 1e-3
+    half = model.to(torch.bfloat16)
+    assert isolation_tolerance(half) == 5e-2
+    # In bf16 an isolated packing differs by rounding only (~7e-3 here), a leak by far more than the tolerance.
+    assert packing_leak(half, qwen_tokenizer.pad_token_id, one_row=True) < 5e-2
+    assert packing_leak(_IgnoresPositions(half), qwen_tokenizer.pad_token_id) > 0.3

@@ -132,8 +132,21 @@ def test_stream_options_follow_the_flags():
     assert default.group_by_length and default.balance_batches and not default.packing
     assert not default.pack_one_row  # sdpa: packed rows as long as the longest sample
     assert not stream_options_for(parse_config(["--balance_batches", "false"])).balance_batches
-    flash = stream_options_for(parse_config(["--packing", "true", "--attn_implementation", "flash_attention_2"]))
-    assert flash.packing and flash.pack_one_row
+    flash = stream_options_for(parse_config(["--packing", "true", "--attn_implementation", "flash_attention_2"],
+                                            check_machine=False))  # flash-attn is not installed here
+    assert flash.packing and flash.pack_one_row and flash.flash_kwargs
+    flex = stream_options_for(parse_config(["--packing", "true", "--attn_implementation", "flex_attention"]))
+    assert flex.packing and flex.pack_one_row and not flex.flash_kwargs  # flex reads the boundaries from position_ids
+
+
+def test_flash_attention_without_flash_attn_names_flex_attention(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "flash_attn" else real(name))
+    with pytest.raises(ConfigError, match="flash_attention_2 needs the flash-attn package .* use --attn_implementation "
+                                          "flex_attention"):
+        parse_config(["--packing", "true", "--attn_implementation", "flash_attention_2"])
 
 
 def test_packing_with_prompt_tuning_is_refused():

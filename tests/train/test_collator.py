@@ -60,3 +60,45 @@ def test_the_training_summary_reports_true_samples_and_tokens_per_second(tmp_pat
     summary = {"train_runtime": 2.0, "train_samples_per_second": 1.5, "train_loss": 1.0}
     callback.on_log(args, None, None, logs=summary)
     assert summary["train_samples_per_second"] == 3.0 and summary["train_tokens_per_second"] == 7.5
+
+
+def test_the_log_carries_the_share_of_step_time_spent_waiting_for_data(monkeypatch):
+    from types import SimpleNamespace
+
+    import sft.train.collator as collator_module
+    from sft.train.collator import ThroughputCallback
+
+    clock = [100.0]
+    monkeypatch.setattr(collator_module.time, "perf_counter", lambda: clock[0])
+    waited = [3.0]  # seconds waited before this window: not counted
+    stats = BatchStats()
+    stats.data_wait = lambda: waited[0]
+    callback = ThroughputCallback(stats)
+    args = SimpleNamespace(world_size=1, device="cpu")
+    callback.on_train_begin(args, None, None)
+    collate = training_collator(stats, SampleIdLog(None, 1))
+    for _ in range(2):  # two 2-second steps, 0.25 s of each spent waiting for the batch
+        collate([stream_batch()])
+        clock[0] += 2.0
+        waited[0] += 0.25
+        callback.on_step_end(args, None, SimpleNamespace(should_evaluate=False))
+    logs = {"loss": 1.0}
+    callback.on_log(args, None, None, logs=logs)
+    assert logs["data_wait_share"] == 0.125
+    assert logs["tokens_per_second"] == 2.5  # 10 real tokens in 4 s
+
+
+def test_without_a_wait_clock_the_log_has_no_wait_share():
+    from types import SimpleNamespace
+
+    from sft.train.collator import ThroughputCallback
+
+    stats = BatchStats()
+    callback = ThroughputCallback(stats)
+    args = SimpleNamespace(world_size=1, device="cpu")
+    callback.on_train_begin(args, None, None)
+    training_collator(stats, SampleIdLog(None, 1))([stream_batch()])
+    callback.on_step_end(args, None, SimpleNamespace(should_evaluate=False))
+    logs = {"loss": 1.0}
+    callback.on_log(args, None, None, logs=logs)
+    assert "data_wait_share" not in logs and "tokens_per_second" in logs

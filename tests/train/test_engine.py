@@ -173,3 +173,38 @@ def test_zero3_ranks_with_very_different_supervised_counts_issue_the_same_collec
     assert sum(ranks[0]["counts"].get(name, 0) for name in ("all_gather_into_tensor", "all_gather")) > 0
     assert ranks[0]["counts"] == ranks[1]["counts"], ranks
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
+
+
+def test_ddp_does_not_search_for_unused_parameters_when_every_trainable_one_is_used():
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from sft.models import load_model
+    from sft.train.engine import ddp_find_unused_parameters
+
+    model = load_model("tiny-qwen2")
+    assert ddp_find_unused_parameters(model) is False  # full fine-tuning of a dense model
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert ddp_find_unused_parameters(lora) is False  # the Trainer's own default for a PEFT model is True
+    assert ddp_find_unused_parameters(lora, requested=True) is True  # --ddp_find_unused_parameters wins
+    moe = SimpleNamespace(config=SimpleNamespace(num_experts=8, get_text_config=lambda: SimpleNamespace(num_experts=8)))
+    assert ddp_find_unused_parameters(moe) is True  # a router may leave an expert without a gradient
+
+
+def test_setup_hands_the_trainer_find_unused_parameters_false_for_lora(tmp_path, monkeypatch):
+    """The TrainingArguments a LoRA run gives the Trainer, and the DDP kwargs the Trainer builds from them."""
+    from transformers import Trainer
+
+    from sft.config import parse_config
+    from sft.models import load_tokenizer
+    from sft.train import run as run_module
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "hi", "output": "hello"}\n' * 4)
+    config = parse_config(["--model", "tiny-qwen2", "--data", str(data), "--finetuning_type", "lora",
+                           "--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    run = run_module.setup(config, load_tokenizer("tiny-qwen2"))
+    assert run.args.ddp_find_unused_parameters is False
+    trainer = Trainer(model=run.model, args=run.args, train_dataset=run.train_data, data_collator=run.collate)
+    assert trainer._build_accelerator_args()["kwargs_handlers"][0].find_unused_parameters is False

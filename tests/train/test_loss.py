@@ -330,3 +330,104 @@ def test_backward_recomputes_nothing_through_the_head(tiny_qwen2):
     lora_head = get_peft_model(copy.deepcopy(tiny_qwen2), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     linear_calls, rows = backward_head_matmuls(lora_head, batch)
     assert linear_calls > 0 and rows >= 21
+
+
+# ------------------------------------------------------------------ Liger's fused linear cross-entropy (--fused_loss)
+
+
+def test_fused_loss_selection_and_its_fallback(monkeypatch):
+    import sft.train.loss as loss_module
+    from sft.train.loss import choose_fused_loss
+
+    monkeypatch.setattr(loss_module, "liger_available", lambda: True)
+    assert [choose_fused_loss(r, "cuda") for r in ("auto", "liger", "chunked")] == ["liger", "liger", "chunked"]
+    assert [choose_fused_loss(r, "cpu") for r in ("auto", "chunked")] == ["chunked", "chunked"]
+    with pytest.raises(ValueError, match="--fused_loss liger needs a CUDA device .* trains on cpu: use --fused_loss auto"):
+        choose_fused_loss("liger", "cpu")
+    monkeypatch.setattr(loss_module, "liger_available", lambda: False)
+    assert choose_fused_loss("auto", "cuda") == "chunked"
+    with pytest.raises(ValueError, match="liger-kernel package is not installed: pip install liger-kernel"):
+        choose_fused_loss("liger", "cuda")
+    with pytest.raises(ValueError, match="--fused_loss 'fast': expected one of auto, liger, chunked"):
+        choose_fused_loss("fast", "cuda")
+
+
+def test_liger_availability_follows_the_import_system(monkeypatch):
+    import importlib.util
+
+    import sft.train.loss as loss_module
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "liger_kernel" else object())
+    assert loss_module.liger_available() is False
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert loss_module.liger_available() is True
+
+
+@pytest.fixture
+def fake_liger(monkeypatch):
+    """A stand-in `liger_kernel.transformers` whose LigerFusedLinearCrossEntropyLoss is the reference loss in
+    torch, with Liger's call signature (weight, input, target, bias): it records what it was given."""
+    import sys
+    import types
+
+    calls = []
+
+    class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
+        def __init__(self, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None):
+            super().__init__()
+            self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
+            self.accum_dtype = accum_dtype
+
+        def forward(self, lin_weight, _input, target, bias=None):
+            calls.append({"weight": lin_weight, "input": _input, "target": target, "bias": bias,
+                          "ignore_index": self.ignore_index, "reduction": self.reduction,
+                          "accum_dtype": self.accum_dtype})
+            logits = torch.nn.functional.linear(_input, lin_weight, bias).float()
+            return torch.nn.functional.cross_entropy(logits, target, ignore_index=self.ignore_index,
+                                                     reduction=self.reduction)
+
+    package = types.ModuleType("liger_kernel")
+    module = types.ModuleType("liger_kernel.transformers")
+    module.LigerFusedLinearCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss
+    package.transformers = module
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
+    return calls
+
+
+def test_the_liger_call_site_gives_the_chunked_loss_and_gradients(tiny_qwen2, fake_liger):
+    batch = pad_batch(features())
+    grads, losses = {}, {}
+    for kind in ("chunked", "liger"):
+        model = copy.deepcopy(tiny_qwen2)
+        with attach_chunked_loss(model, chunk_size=4, fused_loss=kind):
+            loss = model(**batch).loss
+            loss.backward()
+        losses[kind] = loss.item()
+        grads[kind] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert losses["liger"] == pytest.approx(losses["chunked"], rel=1e-3)
+    assert grads["liger"].keys() == grads["chunked"].keys()
+    for name, grad in grads["chunked"].items():
+        torch.testing.assert_close(grads["liger"][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    # Liger got every shifted position (no gather), the head's own weight, and -100 to skip, summed.
+    (call,) = fake_liger
+    width = batch["input_ids"].shape[1]
+    assert call["input"].shape == (len(SAMPLES) * (width - 1), tiny_qwen2.config.hidden_size)
+    assert torch.equal(call["target"], batch["labels"][:, 1:].reshape(-1))
+    assert call["weight"].shape == tuple(tiny_qwen2.get_output_embeddings().weight.shape)
+    assert (call["ignore_index"], call["reduction"], call["bias"]) == (IGNORE_INDEX, "sum", None)
+    assert call["accum_dtype"] is torch.float32  # the head's gradient summed over chunks in fp32
+
+
+def test_liger_is_not_used_for_a_head_that_is_not_a_plain_linear(tiny_qwen2, fake_liger):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(tiny_qwen2), LoraConfig(r=2, target_modules=["lm_head"]))
+    with attach_chunked_loss(model, chunk_size=4, fused_loss="liger"):
+        model(**pad_batch(features())).loss.backward()
+    assert fake_liger == []  # the LoRA-wrapped head takes the chunked recompute path
+
+
+def test_attach_refuses_an_unresolved_fused_loss(tiny_qwen2):
+    with pytest.raises(ValueError, match="fused_loss='auto'; expected 'liger' or 'chunked'"):
+        attach_chunked_loss(copy.deepcopy(tiny_qwen2), fused_loss="auto")

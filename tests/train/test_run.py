@@ -15,7 +15,8 @@ def stub_run(tmp_path, outcome: Outcome, message: str = ""):
     return SimpleNamespace(
         outcome=result, main_process=True, args=SimpleNamespace(output_dir=str(tmp_path)), tokenizer=None,
         config=SimpleNamespace(method=None), trainers=[SimpleNamespace(state=SimpleNamespace(global_step=3))],
-        stream=SimpleNamespace(counters={"read": 6}, encode_stats=SimpleNamespace(summary=lambda: "")))
+        stream=SimpleNamespace(counters={"read": 6}, encode_stats=SimpleNamespace(summary=lambda: "")),
+        train_data=SimpleNamespace(stop=lambda: None))
 
 
 @pytest.mark.parametrize("outcome, status, saved", [
@@ -131,3 +132,14 @@ def test_the_end_of_a_run_names_the_next_command():
 
     assert next_command("outputs/demo").endswith("python hf_sft_eval.py --run outputs/demo")
     assert "--resume_from_checkpoint auto" in next_command("outputs/demo", resume=True)
+
+
+def test_prefetch_depth_defaults_to_four_on_a_gpu_and_none_on_a_cpu(monkeypatch):
+    import torch
+
+    cpu, gpu = SimpleNamespace(use_cpu=True), SimpleNamespace(use_cpu=False)
+    assert run_module.prefetch_depth(None, cpu) == 0  # a reader thread would take a core from training
+    assert run_module.prefetch_depth(2, cpu) == 2  # --prefetch_batches wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_module.prefetch_depth(None, gpu) == 4
+    assert run_module.prefetch_depth(0, gpu) == 0
