@@ -16,7 +16,7 @@ STAGES = [
     "sft.conversation", "sft.chat_templates", "sft.files", "sft.models", "sft.config", "sft.cli",
     # raw records -> canonical conversations -> ShareGPT files
     "sft.data", "sft.data.sources", "sft.data.formats", "sft.data.dedup", "sft.data.stats", "sft.data.split",
-    "sft.data.steps", "sft.data.builder",
+    "sft.data.steps", "sft.data.progress", "sft.data.builder",
     # canonical conversations -> token ids + labels -> micro-batches
     "sft.tokens", "sft.tokens.template", "sft.tokens.encoding", "sft.tokens.preview", "sft.tokens.collate",
     "sft.tokens.plan", "sft.tokens.stream", "sft.tokens.evalset",
