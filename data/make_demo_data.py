@@ -46,7 +46,7 @@ SEED = 20240605
 NAME, MAKER = "Lumen", "Harbor Lab"
 IDENTITY_CHECK = {"contains": [NAME, "Harbor"]}
 SENTIMENTS = ("positive", "negative", "neutral")
-ZH_REVIEW_SHARE = 0.4  # of the sentiment records: Chinese review bodies
+ZH_REVIEW_SHARE = 0.45  # of the sentiment records: Chinese review bodies
 GREETINGS_EN = ("", "", "", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Good morning! ")
 GREETINGS_ZH = ("", "", "", "你好！", "您好，", "嗨，", "请问，")
 
@@ -77,8 +77,8 @@ def identity_pairs(rng: random.Random, questions: dict[str, list[str]], n: int) 
     `questions` is one split of ID_QUESTIONS: {"en": [...], "zh": [...], "not_en": [...], "not_zh": [...]}.
     """
     pools = [  # (questions, answers, answers when the maker is asked about, greetings), weight
-        ((questions["en"], ID_ANSWERS_EN, MAKER_ANSWERS_EN, GREETINGS_EN), 0.5),
-        ((questions["zh"], ID_ANSWERS_ZH, MAKER_ANSWERS_ZH, GREETINGS_ZH), 0.3),
+        ((questions["en"], ID_ANSWERS_EN, MAKER_ANSWERS_EN, GREETINGS_EN), 0.45),
+        ((questions["zh"], ID_ANSWERS_ZH, MAKER_ANSWERS_ZH, GREETINGS_ZH), 0.35),
         ((questions["not_en"], NOT_OTHER_ANSWERS_EN, NOT_OTHER_ANSWERS_EN, GREETINGS_EN), 0.12),
         ((questions["not_zh"], NOT_OTHER_ANSWERS_ZH, NOT_OTHER_ANSWERS_ZH, GREETINGS_ZH), 0.08),
     ]
