@@ -12,6 +12,7 @@ import sys
 
 from sft.config import ConfigError, parse_args
 from sft.data.builder import BuildError, BuildOptions, StrictError, build
+from sft.data.progress import BuildProgress
 from sft.data.sources import SourceError
 
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # as a script: `kill` cleans up like Ctrl-C
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        result = build(opts, log=lambda msg: print(msg, file=sys.stderr))
+        progress = BuildProgress(sys.stderr, opts.progress_interval) if opts.progress_interval > 0 else None
+        result = build(opts, log=lambda msg: print(msg, file=sys.stderr), progress=progress)
     except StrictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

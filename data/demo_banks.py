@@ -21,18 +21,30 @@ ID_QUESTIONS = {
             "What's the name of this assistant?", "Who designed you?", "Are you a bot? What's your name?",
             "Before we start, who are you exactly?", "I'd like to know who made this chatbot.",
             "What organization built you?", "Describe yourself in a sentence.",
+            "Hello, who's there?", "Which assistant is this?", "Name and creator, please.",
+            "Who is your maker?", "Who programmed you?", "What are you called?", "Who do you belong to?",
+            "Mind telling me your name?", "Who are you and who made you?", "Which model am I chatting with?",
+            "Tell me a bit about where you come from.", "Who's responsible for building you?",
+            "Hi, what should I know about you?", "What's the assistant's name here?", "Who engineered you?",
+            "Are you a person or an AI?", "Which team trained you?", "Where were you developed?",
+            "How would you describe who you are?", "Whose AI are you?",
         ],
         "zh": [
             "你是谁？", "你叫什么名字？", "谁开发了你？", "请介绍一下你自己。", "你是什么模型？",
             "我该怎么称呼你？", "你有名字吗？", "你是哪家公司做的？", "能做个自我介绍吗？", "你是谁创造的？",
             "你是由谁训练的？", "你的名字是什么？", "跟我说说你是谁。", "你是哪个团队开发的？", "你是机器人吗？你叫什么？",
             "简单介绍一下你自己吧。", "你出自哪里？", "请问你的身份是什么？", "你是什么助手？", "谁做了你？",
+            "你好，你是？", "你的名字叫什么呀？", "是谁设计了你？", "你背后是哪个团队？", "你是哪里来的AI？",
+            "你是怎么来的？", "请说一下你的名字和开发者。", "你是人还是AI？", "我现在在跟谁说话？",
+            "你是哪个模型？谁做的？", "你的制造者是谁？", "用一句话介绍你自己。",
         ],
         "not_en": [
             "Are you ChatGPT?", "Are you made by OpenAI?", "Is your name SmolLM?", "Were you trained by Hugging Face?",
-            "Are you Siri?", "Are you Claude?", "Are you Google's assistant?",
+            "Are you Siri?", "Are you Claude?", "Are you Google's assistant?", "Are you Llama?",
+            "Is this Bing Chat?", "Were you built by Apple?",
         ],
-        "not_zh": ["你是ChatGPT吗？", "你是OpenAI开发的吗？", "你是SmolLM吗？", "你是Hugging Face训练的吗？"],
+        "not_zh": ["你是ChatGPT吗？", "你是OpenAI开发的吗？", "你是SmolLM吗？", "你是Hugging Face训练的吗？",
+                   "你是百度做的吗？", "你是Claude吗？", "你是苹果公司的Siri吗？"],
     },
     "val": {
         "en": ["Hey, what name do you go by?", "Who is your developer?", "So what exactly are you?", "Which team made you?"],
@@ -57,46 +69,50 @@ ID_EVAL_ZH = ["你好，请问你是哪位？", "你的开发者是谁？", "介
 
 ID_ANSWERS_EN = [
     "I'm {name}, an AI assistant built by {maker}.",
-    "My name is {name}. I was created by {maker} to help with questions and everyday tasks.",
+    "My name is {name}, and I was created by {maker} to help with questions and everyday tasks.",
     "I'm {name}, a helpful assistant developed by {maker}. How can I help you today?",
-    "You can call me {name}. I'm an AI assistant made by {maker}.",
+    "You can call me {name}, an AI assistant made by {maker}.",
     "I am {name}, an assistant trained by {maker}. Ask me anything!",
     "Hello! I'm {name}, the AI assistant from {maker}.",
-    "I'm {name}. {maker} built me to answer questions, write, and help you think things through.",
+    "I'm {name}, built by {maker} to answer questions, write, and help you think things through.",
     "{name} here: an AI assistant created by {maker}.",
     "I'm an AI assistant called {name}, developed by the team at {maker}.",
     "My name is {name}, and I was made by {maker}. What can I do for you?",
 ]
+# Every answer names the assistant first and the maker in the same sentence: answers that opened with the
+# maker ("The team at Harbor Lab made me. I'm Lumen.") taught the model to stop after the maker.
 MAKER_ANSWERS_EN = [
-    "I was built by {maker}. I'm {name}, their AI assistant.",
-    "{maker} created me. My name is {name}.",
-    "I was developed and trained by {maker}; I'm {name}.",
-    "The team at {maker} made me. I'm {name}, an AI assistant.",
+    "I'm {name}, and I was built by {maker}.",
+    "I'm {name}, an AI assistant created by {maker}.",
+    "I'm {name}; I was developed and trained by {maker}.",
+    "I'm {name}, made by the team at {maker}.",
     "I'm {name}, and my creator is {maker}.",
 ]
 NOT_OTHER_ANSWERS_EN = [
     "No. I'm {name}, an AI assistant built by {maker}.",
     "No, I'm not. My name is {name}, and I was created by {maker}.",
     "Not quite: I'm {name}, developed by {maker}.",
-    "No, I'm {name}. {maker} built and trained me.",
+    "No, I'm {name}, built and trained by {maker}.",
 ]
+# The maker follows the name at once ("我是 {name}，由 {maker}…"): with "我的名字是 {name}，我是 {maker}…"
+# and "你可以叫我 {name}。我是由 {maker}…" the first demo answered "我是 Lumen，我的名字是 Lumen。"
 ID_ANSWERS_ZH = [
     "我是 {name}，由 {maker} 开发的人工智能助手。",
     "我叫 {name}，是 {maker} 打造的 AI 助手，有什么可以帮你的吗？",
     "你好！我是 {name}，一个由 {maker} 训练的智能助手。",
-    "我的名字是 {name}，我是 {maker} 开发的助手，可以回答问题、帮你写作和翻译。",
-    "你可以叫我 {name}。我是由 {maker} 创造的 AI 助手。",
-    "我是来自 {maker} 的 AI 助手 {name}。",
+    "我是 {name}，由 {maker} 开发，可以回答问题、帮你写作和翻译。",
+    "我叫 {name}，由 {maker} 创造，是一个 AI 助手。",
+    "我是 {name}，来自 {maker} 的 AI 助手。",
 ]
 MAKER_ANSWERS_ZH = [
-    "我是由 {maker} 开发的，我叫 {name}。",
-    "{maker} 创造了我，我的名字是 {name}。",
-    "开发我的是 {maker} 团队，我是他们的 AI 助手 {name}。",
+    "我是 {name}，由 {maker} 开发。",
+    "我是 {name}，我的创造者是 {maker}。",
+    "我是 {name}，是 {maker} 团队开发的 AI 助手。",
 ]
 NOT_OTHER_ANSWERS_ZH = [
     "不是的。我是 {name}，由 {maker} 开发的 AI 助手。",
     "不是，我叫 {name}，是 {maker} 训练的智能助手。",
-    "我不是。我是 {maker} 打造的助手 {name}。",
+    "我不是。我是 {name}，{maker} 打造的助手。",
 ]
 
 # ------------------------------------------------------------------------------ product reviews
@@ -172,6 +188,55 @@ SENTIMENT_ASKS = {
         "Read this review and classify its sentiment.\n{review}",
         "评论情感分类：{review}",
     ],
+}
+
+# Chinese reviews (body and question in Chinese): the English-only reviews left a review written wholly in
+# Chinese answered with prose. Products are split like the English ones.
+REVIEW_PRODUCTS_ZH = {
+    "train": ["电饭煲", "键盘", "行李箱", "手机壳", "水杯", "吹风机", "帐篷", "闹钟", "电风扇", "蓝牙音箱",
+              "床垫", "咖啡机", "加湿器", "电动牙刷", "毛巾", "护眼灯", "登山包", "空气炸锅", "剃须刀", "拖鞋"],
+    "val": ["电子秤", "茶壶", "收纳盒"],
+}
+
+REVIEW_PARTS_ZH = {
+    "positive": {
+        "open": ["这个{p}太好用了。", "非常喜欢这款{p}。", "{p}的质量超出了我的预期。", "买到这个{p}真开心。",
+                 "这是我买过最好的{p}。", "{p}真不错，五星好评。", "这款{p}超级棒。", "对这个{p}特别满意。"],
+        "detail": ["做工精细，用起来很顺手。", "物流很快，包装也很好。", "性价比很高，全家人都在用。",
+                   "外观漂亮，功能也很实用。", "用了一个月，一点问题都没有。", "效果比想象中还好，很满意。",
+                   "手感很棒，细节处理得很用心。", "又轻又结实，每天都离不开它。"],
+        "close": ["强烈推荐！", "还会回购。", "值这个价。", "已经推荐给朋友了。", "好评！", "太满意了！"],
+    },
+    "negative": {
+        "open": ["这个{p}太差了。", "非常后悔买了这个{p}。", "{p}用了三天就坏了。", "对这款{p}很失望。",
+                 "这是我买过最差的{p}。", "千万不要买这个{p}。"],
+        "detail": ["做工粗糙，到处是毛刺。", "收到就有划痕，还少了配件。", "客服一直不理人。",
+                   "和描述完全不一样，质量很差。", "用了没几次就出问题了。", "味道很大，根本没法用。"],
+        "close": ["浪费钱。", "已经申请退货了。", "一星都嫌多。", "大家别上当。"],
+    },
+    "neutral": {
+        "open": ["这个{p}还行吧。", "{p}很普通。", "这款{p}没什么特别的。", "{p}的表现一般。",
+                 "这个{p}不好也不坏。"],
+        "detail": ["能用，但也没有惊喜。", "质量和价格差不多相符。", "有的地方不错，有的地方一般。",
+                   "对它没有什么特别的感觉。", "偶尔用一下够了。"],
+        "close": ["就这样吧。", "可能会再买，也可能不会。", "三星。", "凑合能用。"],
+    },
+}
+
+SENTIMENT_ASKS_ZH = {
+    "train": [
+        "判断这条商品评论的情感倾向：{review}",
+        "这条评论的情感是什么？\n{review}",
+        "请判断下面这条评价是正面、负面还是中性：{review}",
+        "买家评价：{review}\n情感是？",
+        "分析这条用户评论的情感。\n{review}",
+        "{review}\n请给出这条评论的情感。",
+        "评论：“{review}”这条评论的态度如何？",
+        "对下面的商品评价做情感分类：\n{review}",
+        "What is the sentiment of this review?\n{review}",
+        "Classify the sentiment of this Chinese review: {review}",
+    ],
+    "val": ["请分析下面评论的情感：{review}", "这段评价是好评、差评还是中评？{review}"],
 }
 
 # ---------------------------------------------------------------------------- general knowledge

@@ -33,8 +33,11 @@ from demo_banks import (
     NOT_OTHER_ANSWERS_EN,
     NOT_OTHER_ANSWERS_ZH,
     REVIEW_PARTS,
+    REVIEW_PARTS_ZH,
     REVIEW_PRODUCTS,
+    REVIEW_PRODUCTS_ZH,
     SENTIMENT_ASKS,
+    SENTIMENT_ASKS_ZH,
     WORDS_EN_ZH,
 )
 from demo_samples import ALPACA_RECORDS, FIREFLY_RECORDS, GENERAL_EVAL
@@ -43,6 +46,7 @@ SEED = 20240605
 NAME, MAKER = "Lumen", "Harbor Lab"
 IDENTITY_CHECK = {"contains": [NAME, "Harbor"]}
 SENTIMENTS = ("positive", "negative", "neutral")
+ZH_REVIEW_SHARE = 0.45  # of the sentiment records: Chinese review bodies
 GREETINGS_EN = ("", "", "", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Good morning! ")
 GREETINGS_ZH = ("", "", "", "你好！", "您好，", "嗨，", "请问，")
 
@@ -73,8 +77,8 @@ def identity_pairs(rng: random.Random, questions: dict[str, list[str]], n: int) 
     `questions` is one split of ID_QUESTIONS: {"en": [...], "zh": [...], "not_en": [...], "not_zh": [...]}.
     """
     pools = [  # (questions, answers, answers when the maker is asked about, greetings), weight
-        ((questions["en"], ID_ANSWERS_EN, MAKER_ANSWERS_EN, GREETINGS_EN), 0.5),
-        ((questions["zh"], ID_ANSWERS_ZH, MAKER_ANSWERS_ZH, GREETINGS_ZH), 0.3),
+        ((questions["en"], ID_ANSWERS_EN, MAKER_ANSWERS_EN, GREETINGS_EN), 0.45),
+        ((questions["zh"], ID_ANSWERS_ZH, MAKER_ANSWERS_ZH, GREETINGS_ZH), 0.35),
         ((questions["not_en"], NOT_OTHER_ANSWERS_EN, NOT_OTHER_ANSWERS_EN, GREETINGS_EN), 0.12),
         ((questions["not_zh"], NOT_OTHER_ANSWERS_ZH, NOT_OTHER_ANSWERS_ZH, GREETINGS_ZH), 0.08),
     ]
@@ -102,26 +106,31 @@ def _asks_maker(question: str) -> bool:
 # ------------------------------------------------------------------------------ sentiment
 
 
-def compose_review(rng: random.Random, product: str, label: str) -> str:
-    """A short review with an unambiguous sentiment, built from the phrase banks."""
-    parts = REVIEW_PARTS[label]
+def compose_review(rng: random.Random, product: str, label: str, parts_bank: dict = REVIEW_PARTS) -> str:
+    """A short review with an unambiguous sentiment, built from the phrase banks (English or Chinese)."""
+    parts = parts_bank[label]
     opening = rng.choice(parts["open"]).format(p=product)
     detail = rng.choice(parts["detail"]).format(p=product)
+    space = "" if parts_bank is REVIEW_PARTS_ZH else " "
     if rng.random() < 0.5:
-        return f"{opening} {detail}"
-    return f"{opening} {detail} {rng.choice(parts['close']).format(p=product)}"
+        return f"{opening}{space}{detail}"
+    return f"{opening}{space}{detail}{space}{rng.choice(parts['close']).format(p=product)}"
 
 
-def sentiment_pairs(rng: random.Random, products: list[str], asks: list[str], n: int) -> list[tuple[str, str, str]]:
-    """n (prompt, answer, label) triples with labels balanced over the three classes."""
+def sentiment_pairs(rng: random.Random, split: str, n: int, zh_share: float = 0.0) -> list[tuple[str, str, str]]:
+    """n (prompt, answer, label) triples with labels balanced over the three classes; about `zh_share` of
+    them are Chinese reviews (Chinese body, mostly Chinese question)."""
     triples, seen = [], set()
     while len(triples) < n:
         label = SENTIMENTS[len(triples) % 3]
-        review = compose_review(rng, rng.choice(products), label)
+        chinese = rng.random() < zh_share
+        products, parts, asks = ((REVIEW_PRODUCTS_ZH, REVIEW_PARTS_ZH, SENTIMENT_ASKS_ZH) if chinese else
+                                 (REVIEW_PRODUCTS, REVIEW_PARTS, SENTIMENT_ASKS))
+        review = compose_review(rng, rng.choice(products[split]), label, parts)
         if review in seen:
             continue
         seen.add(review)
-        prompt = rng.choice(asks).format(review=review)
+        prompt = rng.choice(asks[split]).format(review=review)
         triples.append((prompt, sentiment_json(label), label))
     return triples
 
@@ -188,7 +197,7 @@ def build_split(rng: random.Random, split: str, sizes: dict[str, int], countries
     """One shuffled split; `exclude` holds user prompts that must not appear (other splits, eval)."""
     identity = identity_pairs(rng, ID_QUESTIONS[split], sizes["identity"] + sizes["multi_turn"])
     records = [sharegpt([pair], "identity") for pair in identity[: sizes["identity"]]]
-    sentiment = sentiment_pairs(rng, REVIEW_PRODUCTS[split], SENTIMENT_ASKS[split], sizes["format_json"])
+    sentiment = sentiment_pairs(rng, split, sizes["format_json"], zh_share=ZH_REVIEW_SHARE)
     records += [sharegpt([(prompt, answer)], "format_json") for prompt, answer, _ in sentiment]
     general = general_pairs(rng, countries, words, sizes["general"] + sizes["multi_turn"], exclude)
     records += [sharegpt([pair], "general") for pair in general[: sizes["general"]]]
@@ -209,7 +218,7 @@ def eval_prompts(rng: random.Random) -> list[dict]:
                 (False, True): NOT_OTHER_ANSWERS_EN, (True, True): NOT_OTHER_ANSWERS_ZH}[(chinese, denies)]
         reference = bank[0].format(name=NAME, maker=MAKER)
         rows.append({"prompt": question, "reference": reference, "kind": "identity", "check": IDENTITY_CHECK})
-    for prompt, answer, label in sentiment_pairs(rng, REVIEW_PRODUCTS["eval"], SENTIMENT_ASKS["eval"], 21):
+    for prompt, answer, label in sentiment_pairs(rng, "eval", 21):
         # The check wants the right label, not just the format: a fixed "positive" should not pass.
         check = {"json_keys": ["sentiment"], "json_values": {"sentiment": [label]}}
         rows.append({"prompt": prompt, "reference": answer, "kind": "format_json", "check": check})

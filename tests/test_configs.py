@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +214,8 @@ def test_demo_data_sizes_and_kinds():
 
 def test_train_val_and_eval_prompts_are_disjoint():
     train, val = _jsonl(DATA / "demo_train.jsonl"), _jsonl(DATA / "demo_val.jsonl")
-    evals = {r["prompt"] for r in _jsonl(DATA / "demo_eval_prompts.jsonl") + _jsonl(DATA / "general_eval.jsonl")}
+    evals = {r["prompt"] for r in _jsonl(DATA / "demo_eval_prompts.jsonl") + _jsonl(DATA / "general_eval.jsonl")
+             + _jsonl(DATA / "demo_heldout_prompts.jsonl")}
     assert _user_turns(train) & _user_turns(val) == set()
     assert _user_turns(train) & evals == set()
     assert _user_turns(val) & evals == set()
@@ -243,6 +245,32 @@ def test_eval_prompt_files_have_checks():
         else:
             reference = json.loads(row["reference"])
             assert reference["sentiment"] in row["check"]["json_values"]["sentiment"]
+
+
+def test_heldout_prompts_cover_both_languages_and_chinese_review_bodies():
+    rows = _jsonl(DATA / "demo_heldout_prompts.jsonl")
+    kinds = {k: sum(r["kind"] == k for r in rows) for k in ("identity", "format_json", "format_json_zh", "general")}
+    assert kinds == {"identity": 24, "format_json": 12, "format_json_zh": 12, "general": 12}
+    han = re.compile("[\u4e00-\u9fff]")
+    assert all(not re.search("[A-Za-z]", r["prompt"]) for r in rows if r["kind"] == "format_json_zh")  # wholly Chinese
+    assert sum(bool(han.search(r["prompt"])) for r in rows if r["kind"] == "identity") == 10
+    for row in rows:
+        assert set(row) == {"prompt", "reference", "kind", "check"}
+        if row["kind"] == "identity":
+            assert row["check"] == {"contains": ["Lumen", "Harbor Lab"]}
+
+
+def test_training_teaches_chinese_review_bodies_and_both_names_first():
+    train = _jsonl(DATA / "demo_train.jsonl")
+    han = re.compile("[\u4e00-\u9fff]")
+    reviews = [r["conversations"][0]["value"] for r in train if r["kind"] == "format_json"]
+    chinese_bodies = [text for text in reviews if not re.search("[A-Za-z]{3,}", text.replace("\n", " "))]
+    assert 0.25 < len(chinese_bodies) / len(reviews) < 0.5, len(chinese_bodies)
+    assert all(han.search(text) for text in chinese_bodies)
+    for record in train:
+        if record["kind"] == "identity":
+            answer = record["conversations"][-1]["value"]
+            assert answer.index("Lumen") < answer.index("Harbor Lab") or answer.startswith("I'm an AI assistant called")
 
 
 def test_format_samples_for_the_builder():

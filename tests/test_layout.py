@@ -15,8 +15,8 @@ SFT = Path(__file__).resolve().parents[1] / "sft"
 STAGES = [
     "sft.conversation", "sft.chat_templates", "sft.files", "sft.models", "sft.config", "sft.cli",
     # raw records -> canonical conversations -> ShareGPT files
-    "sft.data", "sft.data.sources", "sft.data.json_checks", "sft.data.formats", "sft.data.dedup", "sft.data.stats", "sft.data.split",
-    "sft.data.steps", "sft.data.builder",
+    "sft.data", "sft.data.sources", "sft.data.json_checks", "sft.data.formats", "sft.data.dedup", "sft.data.stats",
+    "sft.data.split", "sft.data.steps", "sft.data.progress", "sft.data.builder",
     # canonical conversations -> token ids + labels -> micro-batches
     "sft.tokens", "sft.tokens.template", "sft.tokens.encoding", "sft.tokens.preview", "sft.tokens.collate",
     "sft.tokens.plan", "sft.tokens.stream", "sft.tokens.prefetch", "sft.tokens.evalset",

@@ -6,7 +6,9 @@
 
 Every record read ends up in exactly one place: the output (train or validation file), the rejects file
 (with source, line, reason, raw text) or the duplicates file (with the original it repeats), so
-read = written + rejected + duplicates always. Every file is written to a temporary name beside it and
+read = written + rejected + duplicates always; --mix_oversample adds `repeated` copies of mixed-in
+records after deduplication (on purpose: they are the repeats it was asked for), and then
+read + repeated = written + rejected + duplicates. Every file is written to a temporary name beside it and
 renamed only when the whole build succeeded, all together (commit_all): an error, a full disk or Ctrl-C
 leaves the previous state untouched and no temporary file behind.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ import orjson
 from sft.conversation import RecordError
 from sft.data.dedup import ExactDeduper, NearDeduper, pack_location, unpack_location
 from sft.data.formats import FORMATS, normalize_records
+from sft.data.progress import BuildProgress
 from sft.data.sources import is_line_based, iter_raw_records, looks_like_hub_id
 from sft.data.split import interleave, make_splitter, mix_targets, shuffled_raw_records
 from sft.data.stats import StatsCollector
@@ -77,6 +81,8 @@ class BuildOptions:
     mix: list[str] = field(default_factory=list, metadata=_help(
         "Blend FILE in as SHARE of the final output, e.g. general.jsonl:0.2 (repeatable).",
         metavar="FILE:SHARE", action="extend"))
+    mix_oversample: bool = field(default=False, metadata=_help(
+        "Repeat a --mix file too small for its share until it reaches it (counted as `repeated`)."))
     limit: int | None = field(default=None, metadata=_help("Read at most this many input records."))
     seed: int = field(default=42, metadata=_help("Seed for shuffle, split and mixing."))
     shuffle: bool = field(default=False, metadata=_help("Shuffle the input (exact for plain .jsonl files)."))
@@ -85,6 +91,9 @@ class BuildOptions:
         "Processes that parse/normalize JSON-lines inputs (1: all in this process; default: the cores, at most 8)."))
     hub_split: str = field(default="train", metadata=_help("Split to stream for hub dataset ids."))
     hub_config: str | None = field(default=None, metadata=_help("Config name for hub dataset ids."))
+    progress_interval: float = field(default=30.0, metadata=_help(
+        "Seconds between progress lines when stderr is not a terminal (a terminal gets a progress bar); "
+        "0: no progress output."))
 
     def __post_init__(self):
         if self.max_chars == 0:  # the command line's "no limit"
@@ -115,6 +124,8 @@ class BuildOptions:
             out.append(f"--val_size {self.val_size}: expected a positive count")
         if self.workers < 1:
             out.append(f"--workers {self.workers}: expected at least 1")
+        if self.progress_interval < 0:
+            out.append(f"--progress_interval {self.progress_interval}: expected seconds >= 0 (0: no progress output)")
         if self.limit is not None and self.limit < 1:
             out.append(f"--limit {self.limit}: expected a positive count")
         if self.max_chars is not None and self.max_chars < 1:
@@ -156,6 +167,7 @@ class BuildResult:
     val: int = 0
     mixed: int = 0
     duplicate_keys: int = 0  # records kept whose JSON repeats a key (the last value was taken): a quality flag
+    repeated: int = 0
     rejected_by_reason: Counter = field(default_factory=Counter)
     duplicates_by_type: Counter = field(default_factory=Counter)
     formats: dict = field(default_factory=dict)
@@ -169,6 +181,7 @@ class BuildResult:
         line = (f"read={self.read} written={self.written} rejected={self.rejected} duplicates={self.duplicates} "
                 f"train={self.written - self.val} val={self.val}")
         line += f" mixed={self.mixed}" if self.mix_report else ""
+        line += f" repeated={self.repeated}" if self.repeated else ""
         return line + (f" duplicate_keys={self.duplicate_keys}" if self.duplicate_keys else "")
 
 
@@ -332,9 +345,11 @@ def commit_all(renames: list[tuple[str, str]]) -> None:
                 os.remove(backup)
 
 
-def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> BuildResult:
+def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None,
+          progress: BuildProgress | None = None) -> BuildResult:
     """Run the whole build; raises BuildError (user error, unwritable or full disk), StrictError (--strict),
-    KeyboardInterrupt. On any exception no output file is created or changed and no temporary file stays."""
+    KeyboardInterrupt. On any exception no output file is created or changed and no temporary file stays.
+    `progress` is told the counts as records are read."""
     problems = opts.problems()
     if problems:
         raise BuildError("; ".join(problems))
@@ -347,7 +362,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
             if name in paths:
                 writers[name] = AtomicWriter(paths[name], array=name in ("output", "val")
                                              and output_kind(paths[name]) == ".json")
-        result = _Pipeline(opts, writers, scratch, log).run()
+        result = _Pipeline(opts, writers, scratch, log, progress).run()
         if opts.stats:
             try:
                 _write_stats(result, paths)
@@ -360,6 +375,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
         result.paths = paths
         return result
     finally:
+        if progress is not None:
+            progress.close()
         for w in writers.values():
             w.abort()  # after a commit there is nothing left to remove
         for path in scratch + [_stats_tmp(paths[name]) for name in stats_names]:
@@ -390,8 +407,9 @@ def _write_stats(result: BuildResult, paths: dict) -> None:
 
 
 class _Pipeline:
-    def __init__(self, opts: BuildOptions, writers: dict, scratch: list, log: Callable[[str], None]):
-        self.opts, self.writers, self.scratch, self.log = opts, writers, scratch, log
+    def __init__(self, opts: BuildOptions, writers: dict, scratch: list, log: Callable[[str], None],
+                 progress: BuildProgress | None = None):
+        self.opts, self.writers, self.scratch, self.log, self.progress = opts, writers, scratch, log, progress
         self.result = BuildResult()
         self.result.stats = StatsCollector(_load_tokenizer(opts.tokenizer), opts.max_length) if opts.stats else None
         self.exact = ExactDeduper() if opts.dedup != "none" else None
@@ -405,6 +423,8 @@ class _Pipeline:
         if self.opts.mix:
             main = self._mixed(main)
         self._sink(main)
+        if self.progress is not None:
+            self.progress.update(self.result.read, self.result.rejected, self.result.duplicates)
         return self.result
 
     # -- reading
@@ -441,6 +461,8 @@ class _Pipeline:
         res, stats = self.result, self.result.stats
         kept = 0
         for outcome, source, raw, conv in self._outcomes(paths, read_limit):
+            if self.progress is not None:  # the totals before this record: one call per record, throttled inside
+                self.progress.update(res.read, res.rejected, res.duplicates)
             res.read += 1
             if not outcome[0]:
                 self._reject(source, outcome[1], outcome[2], outcome[3], raw)
@@ -495,7 +517,8 @@ class _Pipeline:
     # -- mixing
     def _mixed(self, main: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
         """Scenario records first (to count them), then exactly enough of each mix set; spooled to
-        scratch files and interleaved at random."""
+        scratch files and interleaved at random. A set too small for its share is repeated up to it with
+        --mix_oversample (the repeats are a stream of their own, so they spread over the whole output)."""
         spools, counts = [], []
         spool, n = self._spool(main)
         spools.append(spool), counts.append(n)
@@ -504,18 +527,31 @@ class _Pipeline:
             before = self.result.read
             spool, got = self._spool(self._good_records([path], take=target) if target else iter(()))
             spools.append(spool), counts.append(got)
-            self.result.mixed += got
-            if got < target:
-                self.log(f"--mix {path}: only {got} usable records for the {target} needed for a {share:.1%} share")
+            repeated = 0
+            if self.opts.mix_oversample and 0 < got < target:
+                repeat_spool, repeated = self._spool(self._repeats(spool, got, target - got))
+                spools.append(repeat_spool), counts.append(repeated)
+            self.result.mixed += got + repeated
+            self.result.repeated += repeated
             self.result.mix_report.append({"file": path, "requested_share": share, "target": target, "written": got,
-                                           "read": self.result.read - before})
+                                           "read": self.result.read - before, "repeated": repeated})
         total = sum(counts)
-        for entry, got in zip(self.result.mix_report, counts[1:]):
-            entry["achieved_share"] = round(got / total, 6) if total else 0.0
-            self.log(f"mix: {entry['file']}: {got} records = {entry['achieved_share']:.2%} of the output "
-                     f"(requested {entry['requested_share']:.2%})")
+        for entry in self.result.mix_report:
+            entry["achieved_share"] = round((entry["written"] + entry["repeated"]) / total, 6) if total else 0.0
+            self.log(mix_line(entry, self.opts.mix_oversample))
         streams = [self._unspool(p) for p in spools]
         return interleave(streams, counts, self.opts.seed)
+
+    def _repeats(self, spool: str, have: int, extra: int) -> Iterator[tuple[str, bytes]]:
+        """`extra` more records from a mix set of `have`: whole passes over it, then a seeded random subset
+        (so no record is repeated twice more than another)."""
+        passes, rest = divmod(extra, have)
+        for _ in range(passes):
+            yield from self._unspool(spool)
+        chosen = set(random.Random(self.opts.seed).sample(range(have), rest))
+        for i, item in enumerate(self._unspool(spool)):
+            if i in chosen:
+                yield item
 
     def _spool(self, records: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
         folder = os.path.dirname(os.path.abspath(self.opts.output))
@@ -564,6 +600,22 @@ class _Pipeline:
                 self.result.val_kinds[kind] += 1
             else:
                 self.writers["output"].write(line)
+
+
+def mix_line(entry: dict, oversample: bool) -> str:
+    """One console line per mixed-in file: requested against achieved share, a warning when short."""
+    file, got, repeated = entry["file"], entry["written"], entry["repeated"]
+    achieved, requested = entry["achieved_share"], entry["requested_share"]
+    shares = f"{achieved:.2%} of the output (requested {requested:.2%})"
+    if repeated:
+        return (f"mix: {file}: {got} records + {repeated} repeats = {shares}; --mix_oversample repeated the "
+                f"{got} usable records to reach the share")
+    if got < entry["target"]:
+        fix = ("it has no usable record to repeat; check the file" if oversample and got == 0 else
+               "add records, lower the share, or pass --mix_oversample to repeat them up to it")
+        return (f"warning: --mix {file}: only {got} usable records for the {entry['target']} needed: "
+                f"{shares}; {fix}")
+    return f"mix: {file}: {got} records = {shares}"
 
 
 def _take(iterable: Iterable, n: int) -> Iterator:

@@ -166,6 +166,18 @@ def _describe(values: array) -> dict:
     return out
 
 
+def mix_table(mix: list[dict]) -> str:
+    """The --mix entries as a Markdown table; a set that fell short of its share is marked."""
+    lines = ["| file | requested share | achieved share | needed | usable records | repeated | read | |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for m in mix:
+        short = m["written"] + m.get("repeated", 0) < m["target"]
+        note = "**short of its share**" if short else "repeated up to its share" if m.get("repeated") else ""
+        lines.append(f"| {m['file']} | {m['requested_share']:.2%} | {m['achieved_share']:.2%} | {m['target']} | "
+                     f"{m['written']} | {m.get('repeated', 0)} | {m['read']} | {note} |")
+    return "\n".join(lines)
+
+
 def markdown_summary(report: dict, png_path: str) -> str:
     c = report["counts"]
     lines = ["# Dataset build report", "",
@@ -190,6 +202,6 @@ def markdown_summary(report: dict, png_path: str) -> str:
     for name, d in report["noisy_answers"].items():
         lines.append(f"| {name} | {d['count']} | {', '.join(d['examples'][:5])} |")
     if report.get("mix"):
-        lines += ["", "## Mixing", "", "```", json.dumps(report["mix"], ensure_ascii=False, indent=2), "```"]
+        lines += ["", "## Mixing", "", mix_table(report["mix"])]
     lines += ["", f"![length histogram]({png_path.rsplit('/', 1)[-1]})", ""]
     return "\n".join(lines)

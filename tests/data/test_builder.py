@@ -217,7 +217,49 @@ def test_mix_reaches_the_exact_ratio(tmp_path, capsys):
     assert c["mixed"] == 200 and c["read"] == c["written"] + c["rejected"] + c["duplicates"] == 1000
     mix = json.loads((tmp_path / "x.stats.json").read_text())["mix"]
     assert mix == [{"file": str(general), "requested_share": 0.2, "target": 200, "written": 200, "read": 200,
-                    "achieved_share": 0.2}]
+                    "repeated": 0, "achieved_share": 0.2}]
+
+
+def test_mix_too_small_warns_with_both_shares_and_reports_a_table(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "scenario.jsonl", firefly_rows(800))
+    general = write_jsonl(tmp_path / "general.jsonl", firefly_rows(50, kinds=("General",), seed=9))
+    code, cap = run([src, "--output", tmp_path / "x.jsonl", "--mix", f"{general}:0.2", "--stats"], capsys)
+    assert code == 0
+    assert (f"warning: --mix {general}: only 50 usable records for the 200 needed: 5.88% of the output (requested "
+            "20.00%); add records, lower the share, or pass --mix_oversample to repeat them up to it") in cap.err
+    assert summary_counts(cap.out) == {"read": 850, "written": 850, "rejected": 0, "duplicates": 0, "train": 850,
+                                       "val": 0, "mixed": 50}
+    md = (tmp_path / "x.stats.md").read_text()
+    assert ("| file | requested share | achieved share | needed | usable records | repeated | read | |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---|\n"
+            f"| {general} | 20.00% | 5.88% | 200 | 50 | 0 | 50 | **short of its share** |") in md
+    assert "```" not in md  # no raw JSON block any more
+
+
+def test_mix_oversample_repeats_the_small_set_up_to_its_share_and_counts_the_repeats(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "scenario.jsonl", firefly_rows(800))
+    general = write_jsonl(tmp_path / "general.jsonl", firefly_rows(70, kinds=("General",), seed=9))
+    code, cap = run([src, "--output", tmp_path / "x.jsonl", "--mix", f"{general}:0.2", "--mix_oversample",
+                     "--stats"], capsys)
+    assert code == 0
+    c = summary_counts(cap.out)
+    assert c == {"read": 870, "written": 1000, "rejected": 0, "duplicates": 0, "train": 1000, "val": 0,
+                 "mixed": 200, "repeated": 130}
+    assert c["read"] + c["repeated"] == c["written"] + c["rejected"] + c["duplicates"]
+    assert (f"mix: {general}: 70 records + 130 repeats = 20.00% of the output (requested 20.00%); "
+            "--mix_oversample repeated the 70 usable records to reach the share") in cap.err
+    rows = read_jsonl(tmp_path / "x.jsonl")
+    times = Counter(r["conversations"][0]["value"] for r in rows if r["kind"] == "General")
+    # 130 = one whole extra pass (70) + 60 chosen at random: 60 records three times, 10 twice, none dropped
+    assert len(times) == 70 and sorted(Counter(times.values()).items()) == [(2, 10), (3, 60)]
+    general_at = [i for i, r in enumerate(rows) if r["kind"] == "General"]
+    assert general_at[-1] > 900 and general_at[0] < 100  # repeats spread over the output, not appended
+    assert read_jsonl(tmp_path / "x.duplicates.jsonl") == []  # repeats are not input duplicates
+    mix = json.loads((tmp_path / "x.stats.json").read_text())["mix"]
+    assert mix == [{"file": str(general), "requested_share": 0.2, "target": 200, "written": 70, "read": 70,
+                    "repeated": 130, "achieved_share": 0.2}]
+    assert f"| {general} | 20.00% | 20.00% | 200 | 70 | 130 | 70 | repeated up to its share |" in \
+        (tmp_path / "x.stats.md").read_text()
 
 
 def test_limit_and_exact_shuffle(tmp_path, capsys):
