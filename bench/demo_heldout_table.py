@@ -7,6 +7,9 @@
 One row for the base model (step 0 of the first run that has it) and one for each run's last evaluated
 step: passes / prompts per kind of data/demo_heldout_prompts.jsonl (identity, format_json: English reviews,
 format_json_zh: reviews wholly in Chinese, general), and the forgetting check on data/general_eval.jsonl.
+A review passes its check only with the right label; "JSON format" counts the answers that are the asked
+format whatever the label: one line, a JSON object whose keys are the check's and whose label is one of
+the labels the prompts use (read from eval/predictions-STEP.jsonl).
 The training wall time comes from the run's run_end.json and train_log.jsonl when they have it.
 """
 from __future__ import annotations
@@ -48,6 +51,27 @@ def format_total(record: dict) -> str:
     return f"{passed}/{total} ({passed / total:.0%})"
 
 
+def json_format(run: Path, step: int) -> str:
+    """Review answers in the trained format (one-line JSON object, the checked keys, a known label)."""
+    path = run / "eval" / f"predictions-{step}.jsonl"
+    if not path.is_file():
+        return "–"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    reviews = [r for r in rows if r["kind"] in ("format_json", "format_json_zh")]
+    labels = {v for r in reviews for v in json.loads(r["reference"]).values()}
+    keys = {k for r in reviews for k in json.loads(r["reference"])}
+    ok = 0
+    for r in reviews:
+        text = r["prediction"].strip()
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            continue
+        ok += ("\n" not in text and isinstance(answer, dict) and set(answer) == keys
+               and all(v in labels for v in answer.values()))
+    return f"{ok}/{len(reviews)} ({ok / len(reviews):.0%})" if reviews else "–"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="hf_sft.py output folders evaluated on the held-out prompts")
@@ -56,15 +80,17 @@ def main(argv: list[str] | None = None) -> None:
     for run in map(Path, args.runs):
         records = read_metrics(run)
         base = next((r for r in records if r["step"] == 0), None)
-        if base is not None and not any(label == "base" for label, _ in rows):
-            rows.append(("base", base))
+        if base is not None and not any(label == "base" for label, _, _ in rows):
+            rows.append(("base", base, json_format(run, 0)))
         tuned = [r for r in records if r["step"] > 0]
         if tuned:
-            rows.append((f"{run.name} step {tuned[-1]['step']}", tuned[-1]))
-    print("| model | identity | reviews EN | reviews ZH | format total | general (held-out) | general_eval.jsonl |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, record in rows:
-        cells = [counts(record, k) for k in KINDS[:3]] + [format_total(record), counts(record, "general"),
+            step = tuned[-1]["step"]
+            rows.append((f"{run.name} step {step}", tuned[-1], json_format(run, step)))
+    print("| model | identity | reviews EN | reviews ZH | JSON format | right label | general (held-out) "
+          "| general_eval.jsonl |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, record, fmt in rows:
+        cells = [counts(record, k) for k in KINDS[:3]] + [fmt, format_total(record), counts(record, "general"),
                                                          general_eval(record)]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
