@@ -25,6 +25,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from sft.cli import StoppedRun
 from sft.files import write_text_atomic
+from sft.train.checkpoint_files import weights_problem
 from sft.train.checkpoints import CompletionMarkerCallback, Outcome, complete_checkpoints
 from sft.train.collator import BatchStats, ThroughputCallback
 from sft.train.plots import plot_losses
@@ -148,11 +149,6 @@ def _any_process(flag: bool, args) -> bool:
     return bool(tensor.item())
 
 
-# A checkpoint whose largest weight exceeds this many times the largest weight at train begin is not
-# offered as "last good": training was already diverging (the trial found 3.3e29 in one).
-SANE_WEIGHT_FACTOR = 100.0
-
-
 def _max_abs_weight(model) -> float | None:
     """max |w| over the model's parameters (this process's shards), or None when they cannot be read."""
     try:
@@ -161,33 +157,6 @@ def _max_abs_weight(model) -> float | None:
             return float(torch.stack([v.cpu() for v in values]).max()) if values else None
     except (RuntimeError, TypeError, NotImplementedError):  # exotic parameter types (DTensor on old torch)
         return None
-
-
-def weights_problem(checkpoint: str | os.PathLike, reference: float | None) -> str | None:
-    """Why `checkpoint`'s weights are not a sane place to resume (non-finite values, or max |w| above
-    SANE_WEIGHT_FACTOR x `reference`), or None. Reads its safetensors files tensor by tensor."""
-    from safetensors import safe_open
-
-    files = sorted(Path(checkpoint).glob("*.safetensors"))
-    if not files:
-        return None  # sharded engine layouts (FSDP .distcp): not checked here
-    largest, where = 0.0, ""
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if not tensor.is_floating_point() or tensor.numel() == 0:
-                    continue
-                tensor = tensor.float()
-                if not torch.isfinite(tensor).all():
-                    return f"{file.name} has non-finite values in {key}"
-                value = float(tensor.abs().max())
-                if value > largest:
-                    largest, where = value, f"{file.name}:{key}"
-    if reference and largest > SANE_WEIGHT_FACTOR * reference:
-        return (f"its largest weight is {largest:.3g} ({where}), over {SANE_WEIGHT_FACTOR:g}x the largest at "
-                f"train begin ({reference:.3g}): training was already diverging")
-    return None
 
 
 def last_sane_checkpoint(output_dir: str | os.PathLike, reference: float | None) -> tuple[Path | None, list[str]]:

@@ -19,8 +19,7 @@
     `data_layout` (`data_layout`: the flags that decide which samples form which batch, and each data
     file's fingerprint); `check_resume_data` refuses a changed flag or file, naming it and the fix.
   * A COMPLETE checkpoint can still be damaged (a copy cut short, a file truncated by a full disk):
-    `checkpoint_damage` looks at every weights/optimizer file cheaply (safetensors header against the
-    file size, the zip directory of torch files); `auto` skips such a checkpoint with a warning naming
+    `checkpoint_damage` (sft.train.checkpoint_files) looks at every weights/optimizer file cheaply; `auto` skips such a checkpoint with a warning naming
     the file, an explicit path to one is an error.
   * Writers that use a temporary name in the checkpoint folder (safetensors writes `.tmpXXXXXX` and
     renames it) leave it behind when killed: `finish_checkpoint` removes such stale names before
@@ -37,16 +36,13 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import struct
 import time
 import uuid
-import zipfile
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +51,7 @@ import torch
 from transformers import TrainerCallback
 
 from sft.files import write_json_atomic
+from sft.train.checkpoint_files import checkpoint_damage, file_fingerprint, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -189,100 +186,6 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | No
     return str(value)
 
 
-# ----------------------------------------------------------------------------- damaged files
-
-# Files a checkpoint folder holds that a cheap look can vouch for; FSDP's .distcp shards and the like
-# are not looked at (the loader reports them).
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-_MAX_JSON_BYTES = 64 << 20
-
-
-def checkpoint_damage(folder: str | os.PathLike) -> str | None:
-    """None when every weights, optimizer and state file of `folder` looks whole, else "FILE: what is wrong".
-
-    Cheap (headers and zip directories, not the tensors): safetensors' header must parse and its tensors
-    fit in the file; torch files must be zip archives whose directory is intact (a truncated zip loses
-    its directory, which sits at the end); JSON states must parse. A malicious pickle passes this look:
-    torch.load(weights_only=True) refuses it at load time.
-    """
-    folder = Path(folder)
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
-            continue
-        try:
-            if path.suffix == ".safetensors":
-                problem = _safetensors_damage(path)
-            elif path.suffix in _TORCH_SUFFIXES:
-                problem = _torch_file_damage(path)
-            elif path.suffix == ".json" and path.stat().st_size <= _MAX_JSON_BYTES:
-                json.loads(path.read_text(encoding="utf-8"))
-                problem = None
-            else:
-                problem = None
-        except (OSError, ValueError) as err:
-            problem = f"unreadable ({err})"
-        if problem:
-            return f"{path}: {problem}"
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
-        missing = sorted(name for name in shards if not (folder / name).is_file())
-        if missing:
-            return f"{index}: names weight files that are missing ({', '.join(missing)})"
-    return None
-
-
-def _safetensors_damage(path: Path) -> str | None:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"truncated ({size} bytes, not even a safetensors header)"
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            return f"truncated: the header says {header_len} header bytes, the file has {size} bytes in all"
-        header = json.loads(f.read(header_len))
-    end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        return f"truncated: its tensors need {8 + header_len + end} bytes, the file has {size}"
-    return None
-
-
-def _torch_file_damage(path: Path) -> str | None:
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic[:1] == b"\x80":
-        return None  # torch's legacy (pre-zip) format: a bare pickle, nothing cheap to check
-    if magic != b"PK":
-        return "not a torch file (neither a zip archive nor a pickle)"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            size = path.stat().st_size
-            for info in archive.infolist():
-                if info.header_offset + info.compress_size > size:
-                    return f"truncated: {info.filename} runs past the end of the file"
-    except zipfile.BadZipFile as err:
-        return f"truncated or corrupt: {err}"
-    return None
-
-
-# A safetensors save writes `.tmpXXXXXX` (Rust's tempfile) then renames it; sft.files writes
-# `.NAME.tmp-PID`. Either name still in a folder whose writers all returned is a killed writer's leftover.
-_STALE_TEMP_RE = re.compile(r"^\.(tmp[A-Za-z0-9_]{6,}|.+\.tmp-\d+)$")
-
-
-def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
-    """Delete killed writers' temporary files inside checkpoint `folder`; returns their names."""
-    removed = []
-    for path in Path(folder).iterdir() if Path(folder).is_dir() else ():
-        if _STALE_TEMP_RE.match(path.name):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            removed.append(path.name)
-    if removed:
-        logger.info("removed stale temporary files from %s: %s", folder, ", ".join(sorted(removed)))
-    return removed
-
-
 def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[str]:
     """Delete every checkpoint folder without COMPLETE (a killed save): by the contract it is never loaded, and a
     resumed run that saves the same step again must not inherit its half-written files. Main process only."""
@@ -403,30 +306,6 @@ def check_resume_topology(checkpoint: str | os.PathLike, current: dict, adapter:
 
 
 # ---------------------------------------------------------------------------------- data layout
-
-FINGERPRINT_BYTES = 64 << 10  # hashed at each end of a data file
-
-
-def file_fingerprint(path: str | os.PathLike) -> dict | None:
-    """{"size", "sha256"} of a data file: its size and a hash of its first and last 64 KB (a folder: the names and
-    sizes of its files); None for a hub dataset. Cheap at any size, and unlike the mtime it survives a copy
-    while catching what breaks a saved byte offset: lines prepended, appended or edited near either end."""
-    path = Path(path)
-    if path.is_dir():
-        listing = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
-        return {"size": sum(size for _, size in listing),
-                "sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
-    if not path.is_file():
-        return None
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(FINGERPRINT_BYTES))
-        if size > FINGERPRINT_BYTES:
-            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-            digest.update(f.read())
-    return {"size": size, "sha256": digest.hexdigest()}
-
 
 def data_layout(flags: dict[str, Any], sources: list) -> dict:
     """What a data position depends on besides the topology: `flags` (flag name -> value, e.g.
