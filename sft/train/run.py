@@ -450,7 +450,10 @@ def _other_model_message(run: TrainingRun, err: Exception) -> str:
 
 def _fit(run: TrainingRun):
     if run.config.method.finetuning_type != "full_then_lora":
-        make_trainer(run, run.model, run.args).train(resume_from_checkpoint=run.resume)
+        trainer = make_trainer(run, run.model, run.args)
+        if _resumed_step(run.resume) >= run.max_steps:
+            return _load_finished(trainer, run.resume)
+        trainer.train(resume_from_checkpoint=run.resume)
         return run.trainers[-1].model
     rank, world = run.args.process_index, run.args.world_size
     return run_full_then_lora(
@@ -459,6 +462,24 @@ def _fit(run: TrainingRun):
         finish_checkpoint=lambda folder, step: finish_checkpoint(folder, step, run.data_state_at(step), run.args),
         # Phase 2 must continue the stream where phase 1 stopped, not restart it.
         before_lora_phase=lambda ckpt: run.stream.load_state(read_data_state(ckpt, rank, world)))
+
+
+def _resumed_step(checkpoint: str | None) -> int:
+    match = CHECKPOINT_RE.match(Path(checkpoint).name) if checkpoint else None
+    return int(match.group(1)) if match else -1
+
+
+def _load_finished(trainer: Trainer, checkpoint: str):
+    """Resuming a checkpoint already at --max_steps (killed after its last save, before the final model): the
+    Trainer would train one step past max_steps and save again (found by bench/soak_kill.py). Load its weights
+    and state instead; finish() then writes the final model."""
+    from transformers.trainer_callback import TrainerState
+
+    logger.info("%s is at --max_steps %d already: nothing left to train, saving it as the final model",
+                checkpoint, trainer.args.max_steps)
+    trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loader (weights or adapter, any layout it wrote)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    return trainer.model
 
 
 def finish(run: TrainingRun, model) -> None:

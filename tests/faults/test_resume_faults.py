@@ -398,3 +398,22 @@ def test_stop_signal_handlers_are_restored_when_training_raises(tmp_path, monkey
         run_module.run_training(_config("--data", str(data), "--max_steps", "2", "--output_dir", str(tmp_path / "r")),
                                 extra_callbacks=[Crash()])
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_resuming_the_checkpoint_at_max_steps_trains_no_extra_step(finished_run, tmp_path):
+    """Killed after checkpoint-2 (= --max_steps) but before the final model: found by bench/soak_kill.py."""
+    from safetensors.torch import load_file
+
+    from sft.train.run import run_training
+
+    data, out = _copy_run(finished_run, tmp_path, link=False)
+    for name in ("run_end.json", "model.safetensors"):
+        (out / name).unlink()
+    assert run_training(_config("--data", str(data), "--max_steps", "2", "--save_steps", "1", "--output_dir", str(out),
+                                "--resume_from_checkpoint", "auto")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert _log_steps(out) == [1, 2]
+    final, saved = load_file(out / "model.safetensors"), load_file(out / "checkpoint-2" / "model.safetensors")
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
+    end = read_run_end(out)
+    assert (end["status"], end["global_step"]) == ("finished", 2)
