@@ -12,6 +12,11 @@ from sft.models import ModelLoadError
 USER_ERRORS = (ConfigError, ModelLoadError, FileNotFoundError, ValueError)
 
 
+class StoppedRun(RuntimeError):
+    """A run that stopped on a condition its message fully explains (where, and what to do next), e.g. a
+    diverged loss: printed as one line, exit status 1 (not a user mistake, not a crash either)."""
+
+
 def run_entry(main: Callable[[list[str]], int], argv: list[str] | None, prog: str) -> int:
     """Run `main(argv)`; a user mistake prints `prog: error: ...` and returns 2 instead of a traceback.
 
@@ -22,6 +27,11 @@ def run_entry(main: Callable[[list[str]], int], argv: list[str] | None, prog: st
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(argv)
+    except StoppedRun as err:
+        if os.environ.get("SFT_DEBUG"):
+            raise
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
         if os.environ.get("SFT_DEBUG"):
             raise

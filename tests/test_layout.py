@@ -21,7 +21,7 @@ STAGES = [
     "sft.tokens", "sft.tokens.template", "sft.tokens.encoding", "sft.tokens.preview", "sft.tokens.collate",
     "sft.tokens.plan", "sft.tokens.stream", "sft.tokens.prefetch", "sft.tokens.evalset",
     # micro-batches -> Trainer -> checkpoints
-    "sft.train", "sft.train.checkpoints", "sft.train.plots", "sft.train.linear_cross_entropy", "sft.train.loss",
+    "sft.train", "sft.train.checkpoint_files", "sft.train.checkpoints", "sft.train.plots", "sft.train.linear_cross_entropy", "sft.train.loss",
     "sft.train.collator", "sft.train.export", "sft.train.methods", "sft.train.engine",
     "sft.train.callbacks", "sft.train.banner", "sft.train.hybrid", "sft.train.output_dir", "sft.train.run",
     # checkpoints -> scores, answers, reports

@@ -95,9 +95,10 @@ class TrainStream(torch.utils.data.IterableDataset):
         for index in sorted(self._cycles, reverse=True):
             cycle = self._cycles[index]
             if cycle["start"] <= batches_consumed <= cycle["start"] + cycle["n"]:
+                # the counters as the cycle began: a resume reads (and counts) this cycle again
                 return {"cycle": index, "cycle_state": cycle["state"], "cycle_start": cycle["start"],
                         "offset": batches_consumed - cycle["start"], "batches": batches_consumed,
-                        "rank": self.rank, "world_size": self.world_size, "counters": dict(self.counters)}
+                        "rank": self.rank, "world_size": self.world_size, "counters": dict(cycle["counters"])}
         raise RuntimeError(f"no stream position recorded for batch {batches_consumed} (cycles {sorted(self._cycles)})")
 
     def load_state(self, state: dict) -> None:
@@ -123,7 +124,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             cycle_index, emitted, skip = 0, 0, 0
         self._cycles.clear()
         while True:
-            start_state = _reader_to_state(reader)
+            start_state, start_counters = _reader_to_state(reader), dict(self.counters)
             self.reading = True
             try:
                 samples = self._read_cycle(reader)
@@ -131,7 +132,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                 self.reading = False
             rng = random.Random(f"{options.seed}:{cycle_index}")
             batches = plan_batches(samples, options, rng)
-            self._cycles[cycle_index] = {"start": emitted, "n": len(batches), "state": start_state}
+            self._cycles[cycle_index] = {"start": emitted, "n": len(batches), "state": start_state,
+                                         "counters": start_counters}
             for old in [i for i in self._cycles if i < cycle_index - 32]:
                 del self._cycles[old]
             for position, batch in enumerate(batches):

@@ -4,13 +4,15 @@ The checkpoint contract (COMPLETE marker, data position, run_end.json) lives in 
 the batch records (token counts, sample ids) in sft.train.collator.
 
 Logs: `<output_dir>/train_log.jsonl` gets one flushed JSON line per log (train and eval) with `step`,
-`epoch`, `time`; non-finite numbers are written as null. `loss_curve.png` is drawn at train end.
+`epoch`, `time`; a non-finite number is written as NaN / Infinity (Python's JSON, which json.loads and
+pandas read), so a diverged step shows as what it was, not as 0.0 or a gap. A resumed run first drops the
+entries after its checkpoint's step (`drop_log_entries_after`): the steps it trains again are logged once.
+`loss_curve.png` is drawn at train end.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -21,7 +23,10 @@ from typing import Any, Callable
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
 
-from sft.train.checkpoints import CompletionMarkerCallback, Outcome, latest_complete_checkpoint
+from sft.cli import StoppedRun
+from sft.files import write_text_atomic
+from sft.train.checkpoint_files import weights_problem
+from sft.train.checkpoints import CompletionMarkerCallback, Outcome, complete_checkpoints
 from sft.train.collator import BatchStats, ThroughputCallback
 from sft.train.plots import plot_losses
 
@@ -31,8 +36,8 @@ TRAIN_LOG_NAME = "train_log.jsonl"
 LOSS_CURVE_NAME = "loss_curve.png"
 
 
-class TrainingStoppedError(RuntimeError):
-    """Training stopped on a fault (a non-finite loss); the message says where and how to resume."""
+class TrainingStoppedError(StoppedRun):
+    """Training stopped on a fault (a non-finite loss); the message says where and how to resume (no traceback)."""
 
 
 class RunOutcome:
@@ -45,10 +50,11 @@ class RunOutcome:
     def __init__(self) -> None:
         self.outcome = Outcome.FINISHED
         self.message = ""
+        self.signum: int | None = None  # SIGNALLED: the signal that stopped the run
 
-    def set(self, outcome: Outcome, message: str) -> None:
+    def set(self, outcome: Outcome, message: str, signum: int | None = None) -> None:
         if self.outcome is Outcome.FINISHED or outcome is Outcome.NONFINITE:
-            self.outcome, self.message = outcome, message
+            self.outcome, self.message, self.signum = outcome, message, signum
 
 
 # -------------------------------------------------------------------------------------- logs
@@ -57,8 +63,6 @@ class RunOutcome:
 def _json_safe(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN/Infinity
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
@@ -92,6 +96,31 @@ class JsonlLogCallback(TrainerCallback):
             self._file = None
 
 
+def drop_log_entries_after(path: str | os.PathLike, step: int) -> int:
+    """Keep only the lines of a per-step JSONL log (train_log.jsonl, sample_ids-rank*.jsonl) with `step` <= step;
+    returns how many were dropped. Called when resuming from checkpoint-`step`: the killed run logged the steps
+    after it, which the resumed run trains (and logs) again. A half line at the end (a kill) goes too."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            logged_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1
+            continue
+        if isinstance(logged_step, int) and logged_step > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+        logger.info("%s: dropped %d entries after step %d (the resumed run trains those steps again)",
+                    path, dropped, step)
+    return dropped
+
+
 class LossPlotCallback(TrainerCallback):
     """Draws <output_dir>/loss_curve.png from train_log.jsonl when training ends."""
 
@@ -120,13 +149,40 @@ def _any_process(flag: bool, args) -> bool:
     return bool(tensor.item())
 
 
+def _max_abs_weight(model) -> float | None:
+    """max |w| over the model's parameters (this process's shards), or None when they cannot be read."""
+    try:
+        with torch.no_grad():
+            values = [p.detach().abs().max().float() for p in model.parameters() if p.numel() > 0 and not p.is_meta]
+            return float(torch.stack([v.cpu() for v in values]).max()) if values else None
+    except (RuntimeError, TypeError, NotImplementedError):  # exotic parameter types (DTensor on old torch)
+        return None
+
+
+def last_sane_checkpoint(output_dir: str | os.PathLike, reference: float | None) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint whose weights pass weights_problem, and why each newer one did not."""
+    skipped = []
+    for _, path in reversed(complete_checkpoints(output_dir)):
+        try:
+            problem = weights_problem(path, reference)
+        except (OSError, ValueError, RuntimeError) as err:  # damaged or being rotated away
+            problem = f"its weights cannot be read ({err})"
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path.name}: {problem}")
+    return None, skipped
+
+
 class NonFiniteLossCallback(TrainerCallback):
     """Stops on a NaN/inf gradient before the optimizer applies it; no save happens afterwards.
 
     A non-finite loss makes every gradient non-finite, so checking gradients catches both. The
     check runs in on_pre_optimizer_step (after clipping, before optimizer.step()); dropping all
     gradients (p.grad = None) makes the optimizer skip every parameter, so the weights stay those
-    of the previous step. The run's outcome becomes NONFINITE, with where to resume in its message.
+    of the previous step. The bad step is logged (its loss as NaN: the run's TrainingArguments turn off
+    logging_nan_inf_filter, which would log 0.0). The run's outcome becomes NONFINITE; its message names
+    the newest checkpoint whose weights are finite and sane (last_sane_checkpoint: the newest one may
+    already hold diverged weights) and the exact flag to resume from it.
     (DeepSpeed keeps gradients outside p.grad; this check does not see them.)
     """
 
@@ -134,6 +190,11 @@ class NonFiniteLossCallback(TrainerCallback):
         self.outcome = outcome
         self.bad_step: int | None = None
         self.kind: str | None = None
+        self.reference: float | None = None  # max |w| at train begin
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.is_world_process_zero:
+            self.reference = _max_abs_weight(model)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -153,12 +214,21 @@ class NonFiniteLossCallback(TrainerCallback):
         for p in model.parameters():
             p.grad = None
         logger.error("loss became %s at step %d: gradients dropped, stopping without saving", self.kind, self.bad_step)
-        good = latest_complete_checkpoint(args.output_dir)
-        where = (f"the last good checkpoint is {Path(good).name} in {args.output_dir}" if good
-                 else f"no checkpoint was saved before it in {args.output_dir}")
-        self.outcome.set(Outcome.NONFINITE, f"loss became {self.kind} at step {self.bad_step}; {where} (resume with "
-                         "--resume_from_checkpoint auto after lowering the learning rate / checking the data)")
+        self.outcome.set(Outcome.NONFINITE, f"loss became {self.kind} at step {self.bad_step}; "
+                         + self._where_to_resume(args, state))
         self._stop(control)
+
+    def _where_to_resume(self, args, state) -> str:
+        advice = "after lowering the learning rate / checking the data"
+        if not state.is_world_process_zero:
+            return f"the main process names the checkpoint to resume from ({advice})"
+        good, skipped = last_sane_checkpoint(args.output_dir, self.reference)
+        passed = f" (passed over: {'; '.join(skipped)})" if skipped else ""
+        if good is None:
+            return (f"no checkpoint with sane weights was saved before it in {args.output_dir}{passed}; start again "
+                    f"{advice}")
+        return (f"the last checkpoint with finite, sane weights is {good}{passed}; resume with "
+                f"--resume_from_checkpoint {good} {advice}")
 
     def _stop(self, control) -> None:
         control.should_training_stop = True
@@ -168,6 +238,7 @@ class NonFiniteLossCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.bad_step is not None:
             self._stop(control)  # overrides DefaultFlowCallback's save at save_steps / max_steps
+            control.should_log = True  # the bad step's loss is logged (NaN), whatever logging_steps says
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.bad_step is not None:
@@ -232,8 +303,10 @@ class GracefulStopCallback(TrainerCallback):
             return False
         self.signal_name = self.signal_name or "a signal (on another process)"
         self.stopped_step = state.global_step
+        signum = getattr(signal, self.signal_name, signal.SIGTERM)  # another process's signal: SIGTERM
         self.outcome.set(Outcome.SIGNALLED, f"stopped by {self.signal_name} at step {self.stopped_step}, "
-                         f"checkpoint-{self.stopped_step} saved; resume with --resume_from_checkpoint auto")
+                         f"checkpoint-{self.stopped_step} saved; resume with --resume_from_checkpoint auto",
+                         signum=int(signum))
         return True
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -253,9 +326,23 @@ class GracefulStopCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore_handlers()
+
+    def restore_handlers(self) -> None:
+        """Put back the handlers found at train begin. on_train_end does it, but a Trainer stopped by an
+        exception never calls it: whoever runs train() calls this in a `finally` (see restore_stop_handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+def restore_stop_handlers(trainer) -> None:
+    """The signal handlers GracefulStopCallback installed on `trainer` go back, however train() ended."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, GracefulStopCallback):
+            callback.restore_handlers()
 
 
 class EarlyStopOutcome(TrainerCallback):

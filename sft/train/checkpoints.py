@@ -15,7 +15,15 @@
   * Data position: `checkpoint-N/data_state.json` (one process) or `data_state-rank{r}.json` (several);
     written with `write_data_state`, read back with `read_data_state`. Each holds the run's `topology`
     (`run_topology`: processes, machines, per-device batch, accumulation); `check_resume_topology`
-    refuses a resume whose data position would not fit, and says what to do instead.
+    refuses a resume whose data position would not fit, and says what to do instead. Beside it the
+    `data_layout` (`data_layout`: the flags that decide which samples form which batch, and each data
+    file's fingerprint); `check_resume_data` refuses a changed flag or file, naming it and the fix.
+  * A COMPLETE checkpoint can still be damaged (a copy cut short, a file truncated by a full disk):
+    `checkpoint_damage` (sft.train.checkpoint_files) looks at every weights/optimizer file cheaply; `auto` skips such a checkpoint with a warning naming
+    the file, an explicit path to one is an error.
+  * Writers that use a temporary name in the checkpoint folder (safetensors writes `.tmpXXXXXX` and
+    renames it) leave it behind when killed: `finish_checkpoint` removes such stale names before
+    COMPLETE, and a resume removes the incomplete checkpoint folders (`remove_incomplete_checkpoints`).
   * Several processes or machines: `output_dir` is ONE folder that every process sees (a shared file
     system across machines; `check_output_dir_shared` refuses to start otherwise). The global main
     process writes the weights, trainer state, COMPLETE and run_end.json; each process writes only
@@ -23,7 +31,8 @@
   * When the run is over, `<output_dir>/run_end.json` is written last (`write_run_end`): `status`
     finished / stopped / failed, `outcome` (an `Outcome` value), `message`, `last_checkpoint`,
     `final_model` (set when output_dir holds the final model) and `global_step`. A watching evaluator
-    exits once it exists and nothing is pending.
+    exits once it exists and nothing is pending. It is written on every way a run ends, failures
+    included; on a full disk it goes into the few bytes `reserve_run_end` set aside at start-up.
 """
 from __future__ import annotations
 
@@ -42,12 +51,14 @@ import torch
 from transformers import TrainerCallback
 
 from sft.files import write_json_atomic
+from sft.train.checkpoint_files import checkpoint_damage, file_fingerprint, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 DATA_STATE_NAME = "data_state.json"
 RUN_END_NAME = "run_end.json"
+RUN_END_RESERVE = ".run_end.reserve"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -130,18 +141,30 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | None:
-    """--resume_from_checkpoint -> a complete checkpoint folder, or None to start fresh.
+    """--resume_from_checkpoint -> a complete, undamaged checkpoint folder, or None to start fresh.
 
-    "auto" takes the latest complete checkpoint in output_dir (no checkpoint at all: start fresh;
-    checkpoints but none complete: an error, never a silent fresh start); a folder must exist and be complete.
+    "auto" takes the latest complete checkpoint in output_dir whose files look whole (a damaged one is
+    skipped with a warning naming the bad file; no checkpoint at all: start fresh; checkpoints but none
+    complete: an error, never a silent fresh start); a folder must exist, be complete and look whole.
     """
     if not value:
         return None
     if value == "auto":
-        found = latest_complete_checkpoint(output_dir)
-        if found:
-            logger.info("Resuming from %s", found)
-            return found
+        complete = complete_checkpoints(output_dir)
+        damaged = []
+        for _, path in reversed(complete):
+            damage = checkpoint_damage(path)
+            if damage is None:
+                if damaged:
+                    logger.warning("--resume_from_checkpoint auto: %s; resuming from the previous complete checkpoint "
+                                   "%s instead", "; ".join(damaged), path)
+                else:
+                    logger.info("Resuming from %s", path)
+                return str(path)
+            damaged.append(f"{path.name} is marked COMPLETE but {damage}")
+        if damaged:
+            raise ValueError(f"--resume_from_checkpoint auto: every complete checkpoint in {output_dir} is damaged "
+                             f"({'; '.join(damaged)}). Nothing can be resumed; to start over, use a new --output_dir.")
         unfinished = _checkpoint_folders(output_dir)
         if unfinished:
             names = ", ".join(path.name for _, path in unfinished)
@@ -156,7 +179,24 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | No
     if not is_complete_checkpoint(value):
         raise ValueError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete (no COMPLETE marker; "
                          "the run was killed while saving it). Use an earlier checkpoint or 'auto'.")
+    damage = checkpoint_damage(value)
+    if damage is not None:
+        raise ValueError(f"--resume_from_checkpoint {value}: the checkpoint is damaged: {damage}. Resume from an "
+                         "earlier checkpoint, or give 'auto' (it skips damaged checkpoints).")
     return str(value)
+
+
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """Delete every checkpoint folder without COMPLETE (a killed save): by the contract it is never loaded, and a
+    resumed run that saves the same step again must not inherit its half-written files. Main process only."""
+    removed = []
+    for _, path in _checkpoint_folders(output_dir):
+        if not is_complete_checkpoint(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if removed:
+        logger.info("removed incomplete checkpoint folders (killed while saving): %s", ", ".join(removed))
+    return removed
 
 
 def mark_complete(folder: str | os.PathLike, step: int) -> None:
@@ -209,12 +249,10 @@ def run_topology(world_size: int, per_device_train_batch_size: int, gradient_acc
 def saved_topology(checkpoint: str | os.PathLike) -> dict | None:
     """The topology a checkpoint was written with (older checkpoints: only the world size), or None
     when it holds no data state."""
-    for name in (DATA_STATE_NAME, data_state_name(0, 2)):
-        path = Path(checkpoint) / name
-        if path.is_file():
-            state = json.loads(path.read_text(encoding="utf-8"))
-            return state.get("topology") or {"world_size": int(state.get("world_size", 1))}
-    return None
+    state = _saved_data_state(checkpoint)
+    if state is None:
+        return None
+    return state.get("topology") or {"world_size": int(state.get("world_size", 1))}
 
 
 def _describe(topology: dict) -> str:
@@ -267,6 +305,67 @@ def check_resume_topology(checkpoint: str | os.PathLike, current: dict, adapter:
                     checkpoint, _describe(saved), _describe(current))
 
 
+# ---------------------------------------------------------------------------------- data layout
+
+def data_layout(flags: dict[str, Any], sources: list) -> dict:
+    """What a data position depends on besides the topology: `flags` (flag name -> value, e.g.
+    {"--shuffle_buffer": 1000}) and each source (sft.data.sources.Source) with its fingerprint."""
+    return {"flags": dict(flags),
+            "sources": [{"path": str(s.path), "weight": s.weight, "fingerprint": file_fingerprint(s.path)}
+                        for s in sources]}
+
+
+def _saved_data_state(checkpoint: str | os.PathLike) -> dict | None:
+    for name in (DATA_STATE_NAME, data_state_name(0, 2)):
+        path = Path(checkpoint) / name
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def check_resume_data(checkpoint: str | os.PathLike, current: dict, adapter: bool = False) -> None:
+    """Refuse to resume `checkpoint` when a flag or data file its data position depends on changed.
+
+    `current` is this run's data_layout(). Checkpoints written before the layout was stored are not checked.
+    """
+    saved = (_saved_data_state(checkpoint) or {}).get("data_layout")
+    if saved is None:
+        return
+    fresh = (f"To train with the new setting instead, {fresh_start_hint(checkpoint, adapter)}, a new --output_dir "
+             "and no --resume_from_checkpoint (the weights carry over; the data position starts over).")
+    changed = [f"{flag} {json.dumps(value)} (now {json.dumps(current['flags'].get(flag))})"
+               for flag, value in saved["flags"].items() if current["flags"].get(flag) != value]
+    if changed:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: its data position was saved with {', '.join(changed)}; these "
+            f"decide which samples form each batch, so the position means other samples now. Resume with "
+            f"{' and '.join(c.split(' (now')[0] for c in changed)}. {fresh}")
+    before, now = saved["sources"], current["sources"]
+    if [s["weight"] for s in before] != [s["weight"] for s in now] or len(before) != len(now):
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: the checkpoint was trained on --data "
+            f"{' '.join(_source_spec(s) for s in before)}, this run has --data {' '.join(_source_spec(s) for s in now)}. "
+            f"Resume with the checkpoint's --data. {fresh}")
+    for old, new in zip(before, now):
+        if old["fingerprint"] == new["fingerprint"]:
+            if old["path"] != new["path"]:
+                logger.info("data file %s is %s from the checkpoint (same size and content hash)",
+                            new["path"], old["path"])
+            continue
+        what = (f"its size went from {old['fingerprint']['size']} to {new['fingerprint']['size']} bytes"
+                if old["fingerprint"] and new["fingerprint"] and old["fingerprint"]["size"] != new["fingerprint"]["size"]
+                else "its content changed (same size, different bytes at the start or end)")
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: data file {new['path']} changed since the checkpoint was "
+            f"written: {what}. The saved position is a place in the file as it was (a byte offset), so it now "
+            f"points at other records. Put the file back as it was (the checkpoint was trained on {old['path']}), "
+            f"or: {fresh}")
+
+
+def _source_spec(source: dict) -> str:
+    return source["path"] + (f":{source['weight']}" if source["weight"] is not None else "")
+
+
 def check_output_dir_shared(output_dir: str | os.PathLike, rank: int, world_size: int) -> None:
     """Refuse to start unless every process sees the same output_dir (a shared file system).
 
@@ -305,18 +404,54 @@ def check_output_dir_shared(output_dir: str | os.PathLike, rank: int, world_size
 # -------------------------------------------------------------------------------------- run end
 
 
+RUN_END_RESERVE_BYTES = 16 << 10
+
+
+def reserve_run_end(output_dir: str | os.PathLike) -> None:
+    """Set aside the disk blocks run_end.json needs, at start-up (main process): a run that dies of a full disk
+    still writes its run_end.json into them, so a watching evaluator learns that the run is over."""
+    path = Path(output_dir) / RUN_END_RESERVE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b" " * RUN_END_RESERVE_BYTES)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_run_end(output_dir: str | os.PathLike, outcome: Outcome, message: str = "",
                   final_model: str | os.PathLike | None = None, global_step: int | None = None) -> None:
     """Mark the run as over for a watching evaluator; written last.
 
-    final_model and global_step say which model output_dir itself holds, and at which step.
+    final_model and global_step say which model output_dir itself holds, and at which step. When the plain
+    atomic write fails (a full disk), the text goes into the reserve_run_end() file, overwritten in place
+    (no new blocks) and renamed.
     """
     latest = latest_complete_checkpoint(output_dir)
-    write_json_atomic(Path(output_dir) / RUN_END_NAME, {
-        "status": outcome.status, "outcome": outcome.value, "message": message, "time": round(time.time(), 3),
-        "last_checkpoint": os.path.basename(latest) if latest else None,
-        "final_model": str(final_model) if final_model else None, "global_step": global_step,
-    })
+    value = {"status": outcome.status, "outcome": outcome.value, "message": message, "time": round(time.time(), 3),
+             "last_checkpoint": os.path.basename(latest) if latest else None,
+             "final_model": str(final_model) if final_model else None, "global_step": global_step}
+    target, reserve = Path(output_dir) / RUN_END_NAME, Path(output_dir) / RUN_END_RESERVE
+    try:
+        write_json_atomic(target, value)
+    except OSError as err:
+        if not reserve.is_file():
+            raise
+        logger.warning("writing %s failed (%s): writing it into the space reserved at start-up", target, err)
+        _write_into_reserve(reserve, target, value)
+    reserve.unlink(missing_ok=True)
+
+
+def _write_into_reserve(reserve: Path, target: Path, value: dict) -> None:
+    room = reserve.stat().st_size
+    data = json.dumps(value).encode("ascii")
+    if len(data) > room:  # a very long error message: keep its start, the fields a watcher reads stay whole
+        value = {**value, "message": value["message"][: max(0, len(value["message"]) - (len(data) - room) - 64)]}
+        data = json.dumps(value).encode("ascii")
+    with open(reserve, "r+b") as f:  # JSON allows trailing whitespace: the rest of the reserve stays blanks
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(reserve, target)
 
 
 def read_run_end(output_dir: str | os.PathLike) -> dict | None:
@@ -342,6 +477,7 @@ def finish_checkpoint(folder: str | os.PathLike, step: int, data_state: Any, arg
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's shards and data state are on disk
     if args.should_save:
+        remove_stale_temp_files(folder)  # every writer of this save has returned: a temp name left is stale
         mark_complete(folder, step)
 
 

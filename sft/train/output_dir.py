@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from sft.config import RUN_CONFIG_NAME, SFTConfig, _plain
-from sft.train.checkpoints import CHECKPOINT_RE, RUN_END_NAME
+from sft.train.checkpoints import CHECKPOINT_RE, RUN_END_NAME, RUN_END_RESERVE
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +25,8 @@ RUN_VARYING_KEYS = frozenset({
     "disable_tqdm", "preview", "eval_prompts", "general_eval", "log_sample_ids",
 })
 # Files (glob patterns) a training run writes into output_dir besides checkpoint-N/.
-TOOLKIT_FILES = (RUN_CONFIG_NAME, RUN_END_NAME, "train_log.jsonl", "loss_curve.png", "data_summary.json",
-                 "train_rejects-rank*.jsonl", "sample_ids-rank*.jsonl", "engine*.json")
+TOOLKIT_FILES = (RUN_CONFIG_NAME, RUN_END_NAME, RUN_END_RESERVE, "train_log.jsonl", "loss_curve.png",
+                 "data_summary.json", "train_rejects-rank*.jsonl", "sample_ids-rank*.jsonl", "engine*.json")
 
 
 def _comparable(settings: dict) -> dict:

@@ -9,10 +9,11 @@ connects them and owns the run-level decisions: precision, step count, resume po
 from __future__ import annotations
 
 import dataclasses
-import json
+import errno
 import logging
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -24,8 +25,10 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
-from sft.config import ConfigError, SFTConfig, write_resolved_config
+from sft.cli import StoppedRun
+from sft.config import RUN_CONFIG_NAME, ConfigError, SFTConfig, write_resolved_config
 from sft.data.sources import count_records, parse_sources
+from sft.files import write_json_atomic
 from sft.models import load_tokenizer
 from sft.tokens.collate import StreamOptions
 from sft.tokens.encoding import EncodeOptions
@@ -34,18 +37,27 @@ from sft.tokens.prefetch import PrefetchStream
 from sft.tokens.stream import TrainStream
 from sft.train.banner import dtype_line, start_banner
 from sft.train.callbacks import (
+    TRAIN_LOG_NAME,
     RunOutcome,
     StopSignalled,
     TrainingStoppedError,
     attach_callbacks,
+    drop_log_entries_after,
+    restore_stop_handlers,
 )
 from sft.train.checkpoints import (
+    CHECKPOINT_RE,
     Outcome,
     check_output_dir_shared,
+    check_resume_data,
     check_resume_topology,
     clear_run_end,
+    data_layout,
     finish_checkpoint,
+    latest_complete_checkpoint,
     read_data_state,
+    remove_incomplete_checkpoints,
+    reserve_run_end,
     resolve_resume,
     run_topology,
     write_run_end,
@@ -122,6 +134,15 @@ def stream_options_for(config: SFTConfig) -> StreamOptions:
     )
 
 
+def data_layout_flags(config: SFTConfig) -> dict[str, Any]:
+    """The flags (besides the topology's) that decide which samples form which micro-batch: stored with every
+    data position, and a resume that changes one is refused (checkpoints.check_resume_data)."""
+    d = config.data
+    return {"--shuffle_buffer": d.shuffle_buffer, "--group_by_length": d.group_by_length, "--packing": d.packing,
+            "--max_length": d.max_length, "--batch_tokens": d.batch_tokens, "--balance_batches": d.balance_batches,
+            "--seed": config.training.seed, "--val_size": d.val_size if not d.val_data else 0, "--format": d.format}
+
+
 def compute_max_steps(config: SFTConfig, sources, world_size: int) -> int:
     t = config.training
     if t.max_steps and t.max_steps > 0:
@@ -172,6 +193,7 @@ class TrainingRun:
     resume: str | None
     max_steps: int
     topology: dict  # stored with every data position (checkpoints.run_topology)
+    layout: dict = field(default_factory=dict)  # and this (checkpoints.data_layout)
     outcome: RunOutcome = field(default_factory=RunOutcome)
     extra_callbacks: tuple = ()
     trainers: list = field(default_factory=list)  # one per phase (full_then_lora has two)
@@ -182,7 +204,8 @@ class TrainingRun:
 
     def data_state_at(self, step: int) -> dict:
         # From the batches the Trainer consumed, not from how far the prefetching reader got.
-        return {**self.train_data.state_at(step * self.args.gradient_accumulation_steps), "topology": self.topology}
+        return {**self.train_data.state_at(step * self.args.gradient_accumulation_steps), "topology": self.topology,
+                "data_layout": self.layout}
 
 
 def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] = ()) -> int:
@@ -205,6 +228,8 @@ def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] =
                 return run_preview(config, tokenizer)
             claim_output_dir(config, main_process)  # a refusal writes nothing into the other run's folder
             claimed = True
+            if main_process:
+                reserve_run_end(output_dir)  # run_end.json can still be written when the disk fills up
             run = setup(config, tokenizer, tuple(extra_callbacks))
             if main_process:
                 clear_run_end(output_dir)  # a resumed run is running again: watchers must keep waiting
@@ -214,13 +239,32 @@ def run_training(config: SFTConfig, extra_callbacks: Sequence[TrainerCallback] =
                 print(start_banner(config, trainable, total, world_size=run.args.world_size,
                                    max_steps=run.max_steps, dtypes=dtypes), flush=True)
             finish(run, fit(run))
-            _leave_process_group()
+            if run.outcome.outcome is not Outcome.SIGNALLED:  # a stop may not reach every rank: no barrier then
+                _leave_process_group()
         except BaseException as err:
             _explain_stop(err, run)
             if claimed and main_process:
                 _write_failed_run_end(err, run, output_dir)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise DiskFullError(_disk_full_message(err, output_dir)) from err
             raise
+    if run.outcome.outcome is Outcome.SIGNALLED:  # run_end.json says "stopped"; the exit status (128 + signal) too
+        stop = StopSignalled(run.outcome.signum or signal.SIGTERM)
+        stop.args = (run.outcome.message,)
+        raise stop
     return 0
+
+
+class DiskFullError(StoppedRun):
+    """The disk filled up: one line that says where and how to go on (no traceback)."""
+
+
+def _disk_full_message(err: OSError, output_dir: str) -> str:
+    where = f" writing {err.filename}" if err.filename else ""
+    latest = latest_complete_checkpoint(output_dir)
+    resume = (f"the last complete checkpoint is {latest}" if latest else "no checkpoint was completed")
+    return (f"no space left on the device{where} ({err.strerror or err}). Free space there (or point --output_dir "
+            f"at a larger disk), then resume with --resume_from_checkpoint auto; {resume}.")
 
 
 def _leave_process_group() -> None:
@@ -284,12 +328,17 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
     check_output_dir_shared(t.output_dir, rank, world)
     resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     topology = run_topology(world, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+    layout = data_layout(data_layout_flags(config), sources)
 
     stream = TrainStream(sources, tokenizer, encode_options, stream_options, rank=rank, world_size=world,
                          rejects_path=os.path.join(t.output_dir, f"train_rejects-rank{rank}.jsonl"))
     if resume:
         check_resume_topology(resume, topology, adapter=is_adapter_dir(resume))
+        check_resume_data(resume, layout, adapter=is_adapter_dir(resume))
         stream.load_state(read_data_state(resume, rank, world))
+        _forget_after(resume, config, rank)
+    elif t.resume_from_checkpoint:  # auto found no checkpoint: a killed attempt's logs start over too
+        _forget_after(None, config, rank)
     eval_batches = build_eval_batches(_validation_conversations(config, sources), tokenizer, encode_options,
                                       dataclasses.replace(stream_options, batch_size=t.per_device_eval_batch_size))
     if config.data.early_stopping_patience and not eval_batches:
@@ -316,7 +365,23 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
                        train_data=train_data,
                        eval_batches=eval_batches, collate=training_collator(stats, sample_log), sample_log=sample_log,
                        stats=stats, precision=precision, resume=resume, max_steps=max_steps,
-                       topology=topology, extra_callbacks=extra_callbacks)
+                       topology=topology, layout=layout, extra_callbacks=extra_callbacks)
+
+
+def _forget_after(resume: str | None, config: SFTConfig, rank: int) -> None:
+    """Resuming from checkpoint-N (None: from the start): what the interrupted run wrote after step N goes. Its
+    log entries (the steps are trained and logged again) and, on the main process, incomplete checkpoint folders
+    (a killed save's files, e.g. safetensors' `.tmpXXXXXX`, must not end up inside the folder when that step is
+    saved again)."""
+    out = config.training.output_dir
+    match = CHECKPOINT_RE.match(Path(resume).name) if resume else None
+    if resume and (match is None or Path(resume).resolve().parent != Path(out).resolve()):
+        return  # a checkpoint of another folder: this run's logs start with it
+    step = int(match.group(1)) if match else 0
+    drop_log_entries_after(Path(out) / f"sample_ids-rank{rank}.jsonl", step)
+    if rank == 0:
+        drop_log_entries_after(Path(out) / TRAIN_LOG_NAME, step)
+        remove_incomplete_checkpoints(out)
 
 
 def prefetch_depth(requested: int | None, args) -> int:
@@ -352,9 +417,70 @@ def make_trainer(run: TrainingRun, model, args) -> Trainer:
 
 
 def fit(run: TrainingRun):
-    """Train to max_steps or until a callback stops the run; returns the trained model."""
+    """Train to max_steps or until a callback stops the run; returns the trained model.
+
+    However training ends, the stop-signal handlers go back; a checkpoint that cannot be loaded into this
+    model (another model's, a refused pickle) becomes a clear error naming it.
+    """
+    try:
+        return _fit(run)
+    except pickle.UnpicklingError as err:
+        raise ValueError(_refused_pickle_message(run.resume, err)) from None
+    except RuntimeError as err:
+        if run.resume and "size mismatch" in str(err):
+            raise ValueError(_other_model_message(run, err)) from None
+        raise
+    finally:
+        for trainer in run.trainers:
+            restore_stop_handlers(trainer)
+
+
+def _refused_pickle_message(checkpoint: str | None, err: Exception) -> str:
+    """Which torch file of `checkpoint` torch.load(weights_only=True) refuses, found by loading each again
+    (with the numpy types the Trainer allows for its RNG state)."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    bad = []
+    for path in sorted(Path(checkpoint).rglob("*")) if checkpoint else ():
+        # training_args.bin is a pickled object by design; resuming never loads it
+        if path.is_file() and path.suffix in (".pt", ".pth", ".bin") and path.name != "training_args.bin":
+            try:
+                with safe_globals():
+                    torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # any refusal or damage is what we are looking for
+                bad.append(str(path))
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"--resume_from_checkpoint {checkpoint}: {', '.join(bad) or 'a file of the checkpoint'} is not a plain "
+            f"tensor file: torch.load(weights_only=True) refused it ({first}). It is corrupt, or was not written by "
+            "hf_sft.py (nothing in it was run). Resume from another checkpoint, or start a new run from these "
+            "weights with --model and no --resume_from_checkpoint.")
+
+
+def _other_model_message(run: TrainingRun, err: Exception) -> str:
+    """A size mismatch while loading the checkpoint: it belongs to another model than --model."""
+    checkpoint = run.resume
+    trained = None
+    saved_config = Path(checkpoint).parent / RUN_CONFIG_NAME
+    if saved_config.is_file():
+        import yaml
+
+        try:
+            trained = (yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}).get("model")
+        except yaml.YAMLError:
+            trained = None
+    detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+    source = f" (its run trained --model {trained})" if trained else ""
+    return (f"--resume_from_checkpoint {checkpoint}: its weights do not fit --model {run.config.model.model}"
+            f"{source}: {detail}. A checkpoint resumes only with the model it was trained from: give that --model, "
+            "or resume a checkpoint of this model.")
+
+
+def _fit(run: TrainingRun):
     if run.config.method.finetuning_type != "full_then_lora":
-        make_trainer(run, run.model, run.args).train(resume_from_checkpoint=run.resume)
+        trainer = make_trainer(run, run.model, run.args)
+        if _resumed_step(run.resume) >= run.max_steps:
+            return _load_finished(trainer, run.resume)
+        trainer.train(resume_from_checkpoint=run.resume)
         return run.trainers[-1].model
     rank, world = run.args.process_index, run.args.world_size
     return run_full_then_lora(
@@ -363,6 +489,24 @@ def fit(run: TrainingRun):
         finish_checkpoint=lambda folder, step: finish_checkpoint(folder, step, run.data_state_at(step), run.args),
         # Phase 2 must continue the stream where phase 1 stopped, not restart it.
         before_lora_phase=lambda ckpt: run.train_data.load_state(read_data_state(ckpt, rank, world)))
+
+
+def _resumed_step(checkpoint: str | None) -> int:
+    match = CHECKPOINT_RE.match(Path(checkpoint).name) if checkpoint else None
+    return int(match.group(1)) if match else -1
+
+
+def _load_finished(trainer: Trainer, checkpoint: str):
+    """Resuming a checkpoint already at --max_steps (killed after its last save, before the final model): the
+    Trainer would train one step past max_steps and save again (found by bench/soak_kill.py). Load its weights
+    and state instead; finish() then writes the final model."""
+    from transformers.trainer_callback import TrainerState
+
+    logger.info("%s is at --max_steps %d already: nothing left to train, saving it as the final model",
+                checkpoint, trainer.args.max_steps)
+    trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loader (weights or adapter, any layout it wrote)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    return trainer.model
 
 
 def finish(run: TrainingRun, model) -> None:
@@ -383,7 +527,8 @@ def finish(run: TrainingRun, model) -> None:
     _write_summary(output_dir, run.stream)
     write_run_end(output_dir, outcome.outcome, outcome.message, final_model=output_dir if final else None,
                   global_step=_global_step(run))
-    logger.info("Finished: %s; data: %s; %s", output_dir, run.stream.counters, run.stream.encode_stats.summary())
+    logger.info("%s: %s; data: %s; %s", "Finished" if final else "Stopped", output_dir, run.stream.counters,
+                run.stream.encode_stats.summary())
     print(next_command(output_dir, resume=not final), flush=True)
 
 
@@ -446,6 +591,7 @@ def _trainer_args(config: SFTConfig, max_steps: int, precision: str, has_eval: b
         fp16=precision == "fp16",
         use_cpu=t.use_cpu or not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a diverged step is logged as NaN, not as the average of earlier losses
     )
     if has_eval:
         changes.update(eval_strategy="steps", eval_steps=t.eval_steps or t.save_steps)
@@ -487,5 +633,4 @@ def launch_command(processes: int, argv: Sequence[str] | None = None) -> str:
 
 
 def _write_summary(output_dir: str, stream: TrainStream) -> None:
-    path = Path(output_dir) / "data_summary.json"
-    path.write_text(json.dumps(stream.counters, indent=2))
+    write_json_atomic(Path(output_dir) / "data_summary.json", stream.counters, indent=2)

@@ -254,8 +254,9 @@ def test_nan_loss_stops_before_the_update_and_saves_nothing_after(tmp_path):
     assert all(torch.equal(after_step_2[k], v) for k, v in model.state_dict().items())
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
     assert run.outcome is Outcome.NONFINITE
-    assert re.fullmatch(r"loss became nan at step 3; the last good checkpoint is checkpoint-2 in .*"
-                        r"--resume_from_checkpoint auto.*", run.message)
+    good = re.escape(str(tmp_path / "checkpoint-2"))
+    assert re.fullmatch(rf"loss became nan at step 3; the last checkpoint with finite, sane weights is {good}; "
+                        rf"resume with --resume_from_checkpoint {good} after .*", run.message)
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
