@@ -183,7 +183,7 @@ class MethodArguments:
             why = ("its virtual tokens are inputs, not weights of the model, so they cannot be merged into them"
                    if self.finetuning_type in VIRTUAL_TOKEN_METHODS
                    else "full and freeze runs already save full weights")
-            out.append(f"--save_merged only applies to adapter methods ({', '.join(MERGEABLE)}), not "
+            out.append(f"--save_merged only applies to LoRA-family methods and ia3 ({', '.join(MERGEABLE)}), not "
                        f"--finetuning_type {self.finetuning_type}: {why}. Drop --save_merged")
         if self.num_virtual_tokens < 1 and self.finetuning_type in VIRTUAL_TOKEN_METHODS:
             out.append(f"--num_virtual_tokens {self.num_virtual_tokens}: must be >= 1 for {self.finetuning_type}")

@@ -404,13 +404,13 @@ def save_final(model, tokenizer, output_dir: str | os.PathLike, method_args, tra
     main = trainer is None or trainer.args.should_save
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    if _converts_lora_init(method_args):
+    if _converts_lora_init(method_args) and not _sharded(trainer):
         # PiSSA/OLoRA trained against a rewritten (residual) base: save the change since the initial adapter
-        # as a plain LoRA (rank 2r) on the untouched base, PEFT's documented conversion.
-        state = gathered_state_dict(trainer) if trainer is not None else None  # collective: every rank
+        # as a plain LoRA (rank 2r) on the untouched base, PEFT's documented conversion. (Under FSDP/ZeRO-3 the
+        # raw adapter is saved, as in every checkpoint: PEFT re-derives the residual base when it loads it.)
         if main:
             _unwrapped(model, trainer).save_pretrained(
-                out, state_dict=state, path_initial_model_for_weight_conversion=str(out / LORA_INIT_DIR))
+                out, path_initial_model_for_weight_conversion=str(out / LORA_INIT_DIR))
         _barrier()
     elif trainer is not None:
         trainer.save_model(str(out))  # collective under FSDP/ZeRO-3; writes on rank 0 only
@@ -426,6 +426,11 @@ def save_final(model, tokenizer, output_dir: str | os.PathLike, method_args, tra
         dtype = str(getattr(base_config, "dtype", None) or "float32").replace("torch.", "")
         merge_adapter(out, out / MERGED_DIR, tokenizer, dtype=dtype)
     return out
+
+
+def _sharded(trainer) -> bool:
+    return trainer is not None and bool(getattr(trainer, "is_fsdp_enabled", False)
+                                        or getattr(trainer, "is_deepspeed_enabled", False))
 
 
 def _converts_lora_init(method_args) -> bool:

@@ -275,7 +275,7 @@ def test_modules_to_save_typo_is_a_clear_error(tmp_path):
     (["--finetuning_type", "prefix_tuning", "--gradient_checkpointing", "true"],
      r"prefix_tuning with --gradient_checkpointing: PEFT refuses prefix tuning under gradient checkpointing"),
     (["--finetuning_type", "p_tuning", "--save_merged", "true"],
-     r"--save_merged only applies to adapter methods .* not --finetuning_type p_tuning: its virtual tokens"),
+     r"--save_merged only applies to LoRA-family methods and ia3 .* not --finetuning_type p_tuning: its virtual tokens"),
     (["--finetuning_type", "prefix_tuning", "--num_virtual_tokens", "0"], r"--num_virtual_tokens 0: must be >= 1"),
 ])
 def test_combinations_that_cannot_work_fail_before_the_model_loads(argv, message):
