@@ -237,9 +237,9 @@ def test_threads_default_to_half_the_cores_while_training_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("method, flags, mergeable", [
-    # PiSSA checkpoints are raw (resumable), the final adapter converted; LoRA+ goes through run.make_trainer
+    # PiSSA checkpoints are raw (resumable), the final adapter converted; LoRA+ goes through run.make_trainer.
+    # ia3 and p_tuning are scored and merged in-process in tests/train/test_peft_methods.py.
     ("lora_pissa_loraplus", ["--finetuning_type", "lora", "--lora_init", "pissa", "--loraplus_lr_ratio", "4"], True),
-    ("ia3", ["--finetuning_type", "ia3"], True),
     ("prefix_tuning", ["--finetuning_type", "prefix_tuning", "--num_virtual_tokens", "4"], False),
 ])
 def test_peft_method_checkpoints_are_scored_as_adapters_and_merged_or_refused(method, flags, mergeable, data_dir,
