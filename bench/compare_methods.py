@@ -91,6 +91,9 @@ def main() -> None:
     p.add_argument("--logging_steps", type=int, default=1, help="train-log interval (step time resolution)")
     p.add_argument("--no_eval", action="store_true",
                    help="only train: trainable parameters, peak memory and step time (no scores)")
+    p.add_argument("--skip_base", action="store_true", help="do not score the base model (its row is omitted)")
+    p.add_argument("--eval_threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 2),
+                   help="hf_sft_eval.py --threads (default: OMP_NUM_THREADS, else every core)")
     p.add_argument("--out", default="outputs/compare")
     p.add_argument("--png", default="docs/img/methods_loss.png")
     args = p.parse_args()
@@ -106,11 +109,11 @@ def main() -> None:
                                  "--logging_steps", str(args.logging_steps), *RUNS[name]], train_log)
         eval_s, metrics = 0.0, [{}]
         if not args.no_eval:
-            eval_flags = [] if i == 0 else ["--no_base"]
+            eval_flags = [] if i == 0 and not args.skip_base else ["--no_base"]
             eval_s, _ = run([sys.executable, "hf_sft_eval.py", "--run", str(out), "--max_new_tokens", "64", "--nice",
-                             "0", "--threads", str(os.cpu_count() or 2), *eval_flags], root / f"{name}.eval.log")
+                             "0", "--threads", str(args.eval_threads), *eval_flags], root / f"{name}.eval.log")
             metrics = [json.loads(line) for line in (out / "eval" / "metrics.jsonl").read_text().splitlines()]
-            if i == 0:
+            if i == 0 and not args.skip_base:
                 rows.append({"run": "base model", "metrics": metrics[0]})
         rows.append({"run": name, "flags": RUNS[name], "trainable": trainable_parameters(train_log),
                      "peak_rss_mib": round(peak_mib), "s_per_step": seconds_per_step(out), "train_s": round(train_s),
