@@ -26,8 +26,16 @@ from sft.chat_templates import TEMPLATES
 from sft.files import write_text_atomic
 from sft.models import DEFAULT_MODEL
 
-FINETUNING_TYPES = ("full", "freeze", "lora", "dora", "qlora", "prompt_tuning", "full_then_lora")
-LORA_FAMILY = ("lora", "dora", "qlora", "full_then_lora")  # methods whose result is an adapter (mergeable)
+FINETUNING_TYPES = ("full", "freeze", "lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
+                    "full_then_lora")
+LORA_FAMILY = ("lora", "dora", "qlora", "full_then_lora")  # methods whose result is a LoRA adapter
+MERGEABLE = (*LORA_FAMILY, "ia3")  # adapters whose weights fold into the base (--save_merged, --merge)
+# PEFT prompt learning: the model is frozen and learned virtual tokens are prepended (prompt_tuning, p_tuning)
+# or learned keys/values are put before every layer's own (prefix_tuning). Nothing to merge.
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+LORA_OPTION_METHODS = ("lora", "dora", "qlora")  # where --lora_init/--loraplus_lr_ratio/--lora_modules_to_save apply
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+BASE_CHANGING_INITS = ("pissa", "olora")  # PEFT rewrites the base weights to the residual of the adapter's init
 DEFAULT_DATA = ["data/demo_train.jsonl"]
 RUN_CONFIG_NAME = "sft_config.yaml"
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -183,11 +191,25 @@ class MethodArguments:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target: str = field(default="all-linear", metadata={"help": "Comma-separated module names or all-linear."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilized LoRA scaling (alpha / sqrt(r))."})
+    lora_init: str = field(default="default", metadata={
+        "help": "LoRA initialisation (PEFT init_lora_weights): default (A random, B zero) | gaussian (A gaussian "
+                "1/r) | pissa (A, B from the top-r singular vectors; the base keeps the residual) | olora "
+                "(QR-based). pissa/olora: lora only; the final adapter is saved converted to a plain LoRA (rank "
+                "2r) on the untouched base, checkpoints are re-initialised by PEFT on load."})
+    loraplus_lr_ratio: float | None = field(default=None, metadata={
+        "help": "LoRA+: the B matrices train at learning_rate x this ratio (16 in the paper; A at learning_rate). "
+                "lora, dora, qlora."})
+    lora_modules_to_save: str | None = field(default=None, metadata={
+        "help": "Comma-separated modules trained in full beside the adapter and saved with it, e.g. "
+                "embed_tokens,lm_head when new tokens were added (tied embeddings stay tied). lora, dora, qlora."})
     freeze_trainable_layers: int = field(default=2, metadata={"help": "freeze: train only the last N layers."})
     freeze_train_embeddings: bool = field(default=False, metadata={"help": "freeze: also train the embeddings."})
     full_ratio: float = field(default=0.2, metadata={"help": "full_then_lora: share of steps done as full FT."})
-    num_virtual_tokens: int = field(default=20, metadata={"help": "prompt_tuning: number of virtual tokens."})
-    save_merged: bool = field(default=False, metadata={"help": "LoRA runs: also save merged full weights."})
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "prompt_tuning, p_tuning: virtual tokens prepended to every input; prefix_tuning: learned "
+                "key/value positions before every layer's own."})
+    save_merged: bool = field(default=False, metadata={
+        "help": "LoRA-family and ia3 runs: also save merged full weights in output_dir/merged."})
 
     def problems(self) -> list[str]:
         out = []
@@ -197,11 +219,38 @@ class MethodArguments:
             out.append(f"--lora_rank {self.lora_rank}: must be >= 1")
         if not 0.0 < self.full_ratio < 1.0:
             out.append(f"--full_ratio {self.full_ratio}: must be between 0 and 1 (exclusive)")
-        if self.save_merged and self.finetuning_type in FINETUNING_TYPES and self.finetuning_type not in LORA_FAMILY:
-            why = ("a soft prompt cannot be merged into the weights" if self.finetuning_type == "prompt_tuning"
+        if self.save_merged and self.finetuning_type in FINETUNING_TYPES and self.finetuning_type not in MERGEABLE:
+            why = ("its virtual tokens are inputs, not weights of the model, so they cannot be merged into them"
+                   if self.finetuning_type in VIRTUAL_TOKEN_METHODS
                    else "full and freeze runs already save full weights")
-            out.append(f"--save_merged only applies to LoRA-family methods ({', '.join(LORA_FAMILY)}), not "
+            out.append(f"--save_merged only applies to LoRA-family methods and ia3 ({', '.join(MERGEABLE)}), not "
                        f"--finetuning_type {self.finetuning_type}: {why}. Drop --save_merged")
+        if self.num_virtual_tokens < 1 and self.finetuning_type in VIRTUAL_TOKEN_METHODS:
+            out.append(f"--num_virtual_tokens {self.num_virtual_tokens}: must be >= 1 for {self.finetuning_type}")
+        out += self._lora_option_problems()
+        return out
+
+    def _lora_option_problems(self) -> list[str]:
+        out = []
+        kind = self.finetuning_type
+        if self.lora_init not in LORA_INITS:
+            out.append(f"--lora_init {self.lora_init!r}: expected one of {', '.join(LORA_INITS)}")
+        given = [flag for flag, used in (("--lora_init", self.lora_init != "default"),
+                                         ("--loraplus_lr_ratio", self.loraplus_lr_ratio is not None),
+                                         ("--lora_modules_to_save", bool(self.lora_modules_to_save))) if used]
+        if given and kind in FINETUNING_TYPES and kind not in LORA_OPTION_METHODS:
+            why = ("its LoRA phase starts mid-run on the full-phase weights, which these options are not wired for"
+                   if kind == "full_then_lora" else "it has no LoRA adapter")
+            out.append(f"{', '.join(given)} only apply to --finetuning_type {', '.join(LORA_OPTION_METHODS)}, not "
+                       f"{kind}: {why}. Drop {' and '.join(given)} or use --finetuning_type lora")
+        elif self.lora_init in BASE_CHANGING_INITS and kind in ("dora", "qlora"):
+            why = "a 4-bit base cannot hold the residual" if kind == "qlora" else "DoRA's magnitudes are not converted"
+            out.append(f"--lora_init {self.lora_init} with --finetuning_type {kind}: {self.lora_init} rewrites the "
+                       "base weights, and the final adapter is saved converted to a plain LoRA on the untouched base, "
+                       f"which this project does for plain LoRA only ({why}). Use --finetuning_type lora, or "
+                       "--lora_init default|gaussian")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            out.append(f"--loraplus_lr_ratio {self.loraplus_lr_ratio}: must be > 0 (LoRA+ uses ratios like 16)")
         return out
 
     def machine_problems(self) -> list[str]:
@@ -459,11 +508,31 @@ def dtype_problems(finetuning_type: str, torch_dtype: str, precision: str) -> li
 def _training_cross_checks(model: ModelArguments, data: DataArguments, method: MethodArguments,
                            training: Any) -> list[str]:
     out = []
-    if data.packing and method.finetuning_type == "prompt_tuning":
-        out.append("--packing with --finetuning_type prompt_tuning: the virtual tokens are prepended to every "
-                   "row, so packed samples would share them and see each other; use --packing false")
+    if data.packing and method.finetuning_type in VIRTUAL_TOKEN_METHODS:
+        out.append(f"--packing with --finetuning_type {method.finetuning_type}: the virtual tokens are prepended to "
+                   "every row, so packed samples would share them and see each other; use --packing false")
+    out += _engine_problems(method, training)
     out += dtype_problems(method.finetuning_type, model.torch_dtype, model.precision)
     return out
+
+
+def _engine_problems(method: MethodArguments, training: Any) -> list[str]:
+    """Method x engine combinations PEFT cannot run."""
+    if method.finetuning_type != "prefix_tuning":
+        return []
+    fsdp = getattr(training, "fsdp_config", None)
+    fsdp = fsdp if isinstance(fsdp, dict) else {}
+    checkpointing = [flag for flag, on in (
+        ("--gradient_checkpointing", getattr(training, "gradient_checkpointing", False)),
+        ("--activation_checkpointing", getattr(training, "activation_checkpointing", False)),
+        ("fsdp activation_checkpointing", fsdp.get("activation_checkpointing", False)
+         or os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true")) if on]
+    if not checkpointing:
+        return []
+    return [f"--finetuning_type prefix_tuning with {checkpointing[0]}: PEFT refuses prefix tuning under gradient "
+            "checkpointing (\"PREFIX_TUNING does not work with gradient checkpointing\": each layer appends its "
+            "keys/values to the shared prefix cache in the forward, and a recomputed layer would append them "
+            f"twice). Turn {checkpointing[0]} off, or use --finetuning_type prompt_tuning or p_tuning"]
 
 
 def parse_config(argv: list[str] | None = None, check_machine: bool = True,

@@ -93,8 +93,9 @@ def merge_run(run: Path, merge_from: str | None, output: str | None, base_model:
 
     source = merge_from or (str(run) if is_adapter_dir(run) else latest_complete_checkpoint(run))
     if source is None or not is_adapter_dir(source):
-        raise ValueError(f"--merge: {source or run} holds no LoRA adapter (adapter_config.json); only LoRA-family "
-                         "runs (lora, dora, qlora, full_then_lora) can be merged. Full runs are already plain weights.")
+        raise ValueError(f"--merge: {source or run} holds no adapter (adapter_config.json); only LoRA-family runs "
+                         "(lora, dora, qlora, full_then_lora) and ia3 can be merged. Full runs are already plain "
+                         "weights.")
     target = Path(output or run / "merged")
     check_merge_target(target, [run, source], overwrite)  # before loading anything
     merge_adapter(source, target, load_inference_tokenizer(source, base_model), base_model=base_model)

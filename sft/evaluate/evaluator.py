@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from sft.config import SFTConfig, load_run_config
+from sft.config import BASE_CHANGING_INITS, SFTConfig, load_run_config
 from sft.conversation import Conversation
 from sft.data.sources import split_weight
 from sft.evaluate.inference import (
@@ -222,8 +222,15 @@ class ModelCache:
         return model, tokenizer, kind
 
     def release(self, model) -> None:
-        """Strip a PEFT wrapper off the cached base (the base weights are unchanged by LoRA)."""
-        if hasattr(model, "unload") and self.base is not None:
+        """Strip a PEFT wrapper off the cached base (the base weights are unchanged by LoRA).
+
+        A PiSSA/OLoRA checkpoint is the exception: PEFT re-derived its residual base by rewriting the base
+        weights in place when it loaded, so that base is dropped, not reused for the next checkpoint.
+        """
+        configs = getattr(model, "peft_config", {}).values()
+        if any(getattr(c, "init_lora_weights", None) in BASE_CHANGING_INITS for c in configs):
+            self.base = self.base_path = None
+        elif hasattr(model, "unload") and self.base is not None:
             self.base = model.unload()
 
     def _base(self, base_path: str):

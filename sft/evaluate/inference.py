@@ -52,6 +52,7 @@ def load_for_inference(path: str, base_model: str | None = None, dtype: str = "f
         base = adapter_base(path, base_model, fallback_base)
         base_weights = load_base(base) if load_base else load_model(base, dtype=dtype)
         model = PeftModel.from_pretrained(base_weights, path, is_trainable=False)
+        keep_prefix_in_generate(model)
         if merge:
             model = model.merge_and_unload()
         tokenizer = load_inference_tokenizer(path, base)
@@ -60,6 +61,30 @@ def load_for_inference(path: str, base_model: str | None = None, dtype: str = "f
         tokenizer = load_tokenizer(path)
     model.to(device).eval()
     return model, tokenizer
+
+
+def keep_prefix_in_generate(model) -> bool:
+    """Make generate() use a prefix-tuning adapter's prefix (transformers >= 5.2x with peft 0.21); True if patched.
+
+    PEFT reads and injects the prefix as model_kwargs["past_key_values"], but transformers' generate now passes
+    the KV cache as "cache" and, given both, uses "cache" and ignores the prefix: generation silently runs
+    the bare base model (the forward, hence the validation loss, is right). Renaming "cache" back to
+    "past_key_values" in what the base model prepares lets PEFT see the cache and put the prefix in it.
+    tests/evaluate: generate() equals greedy decoding with the adapter's own forward.
+    """
+    peft_type = str(getattr(getattr(model, "active_peft_config", None), "peft_type", ""))
+    original = getattr(model, "base_model_prepare_inputs_for_generation", None)
+    if not peft_type.endswith("PREFIX_TUNING") or original is None:
+        return False
+
+    def prepare(*args, **kwargs):
+        inputs = original(*args, **kwargs)
+        if "cache" in inputs and inputs.get("past_key_values") is None:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = prepare
+    return True
 
 
 def load_inference_tokenizer(path: str, base_model: str | None = None):

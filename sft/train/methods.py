@@ -2,9 +2,14 @@
 
     full            every parameter trains
     freeze          only the last N decoder layers (optionally the embeddings too)
-    lora / dora     PEFT low-rank adapters on the chosen linear layers (DoRA adds a magnitude vector)
+    lora / dora     PEFT low-rank adapters on the chosen linear layers (DoRA adds a magnitude vector);
+                    options: --lora_init (gaussian, PiSSA, OLoRA), --loraplus_lr_ratio (LoRA+),
+                    --lora_modules_to_save (modules trained in full beside the adapter)
     qlora           LoRA on a 4-bit (NF4, bitsandbytes) base model: CUDA only
+    ia3             PEFT IA3: learned rescaling vectors on attention keys/values and the MLP input of down_proj
     prompt_tuning   PEFT soft prompt of N virtual tokens; the model itself is frozen
+    prefix_tuning   PEFT prefix: N learned key/value positions before every layer's own
+    p_tuning        PEFT P-tuning: N virtual tokens produced by a small MLP prompt encoder
     full_then_lora  full fine-tuning for the first `full_ratio` of steps, then LoRA (see sft/hybrid.py)
 
 The Trainer wiring calls, in order:
@@ -16,6 +21,7 @@ The Trainer wiring calls, in order:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -24,14 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from sft.config import dtype_problems
+from sft.config import BASE_CHANGING_INITS, VIRTUAL_TOKEN_METHODS, dtype_problems
 from sft.models import load_model
 from sft.train.export import merge_adapter
 
 logger = logging.getLogger(__name__)
 
-PEFT_METHODS = ("lora", "dora", "qlora", "prompt_tuning")
+PEFT_METHODS = ("lora", "dora", "qlora", "ia3", *VIRTUAL_TOKEN_METHODS)
 MERGED_DIR = "merged"
+LORA_INIT_DIR = "lora_init"  # pissa/olora: the adapter as initialised, to convert the final one to a plain LoRA
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -130,8 +137,10 @@ def prepare_model(model, method_args, training_args):
                 model, use_gradient_checkpointing=bool(_gradient_checkpointing(training_args))
             )
         model = apply_lora(model, method_args, training_args)
-    elif kind == "prompt_tuning":
-        model = _apply_prompt_tuning(model, method_args)
+    elif kind == "ia3":
+        model = _apply_ia3(model)
+    elif kind in VIRTUAL_TOKEN_METHODS:
+        model = _apply_virtual_tokens(model, method_args)
     else:
         raise ValueError(f"--finetuning_type {kind!r}: expected one of full, freeze, {', '.join(PEFT_METHODS)}, "
                          "full_then_lora")
@@ -167,6 +176,8 @@ def apply_lora(model, method_args, training_args):
     """Wrap `model` in a PEFT LoRA (or DoRA) adapter; base weights are frozen by PEFT."""
     from peft import LoraConfig, get_peft_model
 
+    init = getattr(method_args, "lora_init", "default")
+    modules_to_save = _modules_to_save(getattr(method_args, "lora_modules_to_save", None), model)
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=method_args.lora_rank,
@@ -176,6 +187,11 @@ def apply_lora(model, method_args, training_args):
         use_rslora=method_args.use_rslora,
         use_dora=method_args.finetuning_type == "dora",
         bias="none",
+        # "pissa": exact SVD (deterministic, so PEFT re-derives the same residual base when it loads a checkpoint)
+        init_lora_weights=True if init == "default" else init,
+        modules_to_save=modules_to_save,
+        # embed_tokens + lm_head of a tied model: one trained copy, still tied (else the saved copies drift apart)
+        ensure_weight_tying=bool(modules_to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
     )
     model = get_peft_model(model, config)
     if _gradient_checkpointing(training_args):
@@ -183,6 +199,49 @@ def apply_lora(model, method_args, training_args):
         # (re-entrant) layer would then drop the adapter gradients entirely.
         model.enable_input_require_grads()
     return model
+
+
+def _modules_to_save(names: str | None, model: nn.Module) -> list[str] | None:
+    """--lora_modules_to_save as a list; every name must be a module of the model (a typo is not a silent no-op)."""
+    wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
+    if not wanted:
+        return None
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [n for n in wanted if n not in present]
+    if missing:
+        top = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                      if isinstance(m, (nn.Linear, nn.Embedding)) and name.count(".") <= 1})
+        raise ValueError(f"--lora_modules_to_save {names!r}: no module named {', '.join(missing)} in this model; "
+                         f"its embedding and top-level linear modules are: {', '.join(top)}")
+    return wanted
+
+
+def loraplus_optimizer(method_args, training_args) -> tuple | None:
+    """The Trainer's optimizer_cls_and_kwargs for LoRA+ (--loraplus_lr_ratio), else None (the Trainer's own).
+
+    A transformers optimizer factory: the Trainer calls it in create_optimizer, after an engine has wrapped the
+    model and before it loads a checkpoint's optimizer state on resume, so the groups (A at lr, B at lr x ratio,
+    PEFT's create_loraplus_optimizer) are built the same way every time and the saved state fits them.
+    """
+    ratio = getattr(method_args, "loraplus_lr_ratio", None)
+    if ratio is None:
+        return None
+    return functools.partial(_LoraPlusFactory, training_args, float(ratio)), {}
+
+
+class _LoraPlusFactory:
+    def __init__(self, training_args, ratio: float):
+        self.training_args, self.ratio = training_args, ratio
+
+    def __call__(self, model, **_):
+        from peft.optimizers import create_loraplus_optimizer
+        from transformers import Trainer
+
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.training_args, model)
+        kwargs = dict(kwargs)
+        lr = kwargs.pop("lr", self.training_args.learning_rate)
+        return create_loraplus_optimizer(model, optimizer_cls, lr=lr, loraplus_lr_ratio=self.ratio,
+                                         loraplus_weight_decay=self.training_args.weight_decay, **kwargs)
 
 
 def parse_lora_target(lora_target: str, model: nn.Module | None = None) -> str | list[str]:
@@ -208,18 +267,52 @@ def parse_lora_target(lora_target: str, model: nn.Module | None = None) -> str |
     return names
 
 
-def _apply_prompt_tuning(model, method_args):
-    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+def _apply_virtual_tokens(model, method_args):
+    """prompt_tuning, prefix_tuning or p_tuning: N learned virtual tokens, the model frozen.
 
-    if method_args.num_virtual_tokens < 1:
-        raise ValueError(f"--num_virtual_tokens {method_args.num_virtual_tokens}: must be >= 1 for prompt_tuning")
-    config = PromptTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=method_args.num_virtual_tokens,
+    PEFT prepends the virtual tokens' attention mask (all three) and -100 labels (prompt/P-tuning, whose
+    virtual tokens are positions of the input) in its forward; sft.train.loss skips those positions.
+    """
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    kind, tokens = method_args.finetuning_type, method_args.num_virtual_tokens
+    if tokens < 1:
+        raise ValueError(f"--num_virtual_tokens {tokens}: must be >= 1 for {kind}")
+    if kind == "prompt_tuning":
         # Starting from real token embeddings converges faster than a random soft prompt.
-        prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
-    )
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens,
+                                    prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    elif kind == "prefix_tuning":
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens)
+    else:  # p_tuning: PEFT's default MLP encoder, hidden size = the model's
+        config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens)
     return get_peft_model(model, config)
+
+
+# Llama-style attention/MLP names (Llama, Qwen2, Mistral, SmolLM2): IA3 scales keys, values and the input of
+# down_proj (the feed-forward module, scaled on its input), as in the IA3 paper and PEFT's llama default.
+IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
+IA3_FEEDFORWARD = ["down_proj"]
+
+
+def _apply_ia3(model):
+    """PEFT IA3 with PEFT's own target list for the model type, or Llama-style names for models it does not list."""
+    from peft import IA3Config, get_peft_model
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    )
+
+    model_type = getattr(model.config, "model_type", "")
+    targets = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type, IA3_TARGETS)
+    feedforward = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, IA3_FEEDFORWARD)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if not set(targets) <= present:
+        raise ValueError(f"--finetuning_type ia3: model type {model_type!r} has no modules named "
+                         f"{', '.join(sorted(set(targets) - present))} (IA3 targets keys, values and the MLP's "
+                         "down projection by these names); use --finetuning_type lora with --lora_target")
+    return get_peft_model(model, IA3Config(task_type="CAUSAL_LM", target_modules=list(targets),
+                                           feedforward_modules=list(feedforward)))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -303,7 +396,7 @@ def save_final(model, tokenizer, output_dir: str | os.PathLike, method_args, tra
     """
     out = Path(output_dir)
     if method_args.save_merged and (not is_peft_model(_unwrapped(model, trainer))
-                                    or method_args.finetuning_type == "prompt_tuning"):
+                                    or method_args.finetuning_type in VIRTUAL_TOKEN_METHODS):
         raise ValueError(
             f"--save_merged needs a LoRA-family run; this model ({type(model).__name__}, --finetuning_type "
             f"{method_args.finetuning_type}) has no LoRA adapter to merge. Drop --save_merged."
@@ -311,7 +404,15 @@ def save_final(model, tokenizer, output_dir: str | os.PathLike, method_args, tra
     main = trainer is None or trainer.args.should_save
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    if trainer is not None:
+    if _converts_lora_init(method_args) and not _sharded(trainer):
+        # PiSSA/OLoRA trained against a rewritten (residual) base: save the change since the initial adapter
+        # as a plain LoRA (rank 2r) on the untouched base, PEFT's documented conversion. (Under FSDP/ZeRO-3 the
+        # raw adapter is saved, as in every checkpoint: PEFT re-derives the residual base when it loads it.)
+        if main:
+            _unwrapped(model, trainer).save_pretrained(
+                out, path_initial_model_for_weight_conversion=str(out / LORA_INIT_DIR))
+        _barrier()
+    elif trainer is not None:
         trainer.save_model(str(out))  # collective under FSDP/ZeRO-3; writes on rank 0 only
         _barrier()  # every rank is done gathering before rank 0 goes on (merge, run_end.json)
     else:
@@ -325,6 +426,28 @@ def save_final(model, tokenizer, output_dir: str | os.PathLike, method_args, tra
         dtype = str(getattr(base_config, "dtype", None) or "float32").replace("torch.", "")
         merge_adapter(out, out / MERGED_DIR, tokenizer, dtype=dtype)
     return out
+
+
+def _sharded(trainer) -> bool:
+    return trainer is not None and bool(getattr(trainer, "is_fsdp_enabled", False)
+                                        or getattr(trainer, "is_deepspeed_enabled", False))
+
+
+def _converts_lora_init(method_args) -> bool:
+    return getattr(method_args, "lora_init", "default") in BASE_CHANGING_INITS
+
+
+def save_lora_init(model, method_args, output_dir: str | os.PathLike) -> Path | None:
+    """pissa/olora: save the adapter as initialised (before any step) in output_dir/lora_init; else nothing.
+
+    save_final converts the trained adapter against it. Call on the main process after prepare_model, also
+    on resume (the initialisation is deterministic: the same SVD/QR of the same base weights).
+    """
+    if not _converts_lora_init(method_args):
+        return None
+    target = Path(output_dir) / LORA_INIT_DIR
+    model.save_pretrained(target)
+    return target
 
 
 def gathered_state_dict(trainer) -> dict:

@@ -71,9 +71,11 @@ from sft.train.methods import (
     FULL_METHODS,
     count_parameters,
     load_model_for_method,
+    loraplus_optimizer,
     parameter_dtypes,
     prepare_model,
     save_final,
+    save_lora_init,
 )
 from sft.train.output_dir import claim_output_dir
 
@@ -351,6 +353,8 @@ def setup(config: SFTConfig, tokenizer, extra_callbacks: tuple = ()) -> Training
         write_resolved_config(config, t.output_dir)
 
     model = prepare_model(load_model_for_method(config.model, config.method, args), config.method, args)
+    if rank == 0:
+        save_lora_init(model, config.method, t.output_dir)  # pissa/olora: what the final adapter is converted against
     # A KV cache object in the forward breaks packed-sample isolation and is useless in training.
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
@@ -400,7 +404,8 @@ def make_trainer(run: TrainingRun, model, args) -> Trainer:
                     else "chunked linear cross-entropy (sft.train.linear_cross_entropy)", run.config.model.fused_loss)
     attach_chunked_loss(model, fused_loss=fused)
     trainer = Trainer(model=model, args=args, train_dataset=run.train_data, eval_dataset=run.eval_batches or None,
-                      data_collator=run.collate, processing_class=run.tokenizer)
+                      data_collator=run.collate, processing_class=run.tokenizer,
+                      optimizer_cls_and_kwargs=loraplus_optimizer(run.config.method, args))
     apply_requested_engine(trainer)  # FSDP on CPU, or a loud warning when the launch asked for another engine
     attach_callbacks(trainer, run.stats, run.outcome, data_state_fn=run.data_state_at,
                      early_stopping_patience=run.config.data.early_stopping_patience,

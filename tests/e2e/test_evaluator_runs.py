@@ -234,3 +234,31 @@ def test_threads_default_to_half_the_cores_while_training_runs(monkeypatch):
     assert configure_cpu(None, 0, training_running=True) == 4
     assert configure_cpu(None, 0, training_running=False) == 8
     assert configure_cpu(3, 0, training_running=False) == 3
+
+
+@pytest.mark.parametrize("method, flags, mergeable", [
+    # PiSSA checkpoints are raw (resumable), the final adapter converted; LoRA+ goes through run.make_trainer.
+    # ia3 and p_tuning are scored and merged in-process in tests/train/test_peft_methods.py.
+    ("lora_pissa_loraplus", ["--finetuning_type", "lora", "--lora_init", "pissa", "--loraplus_lr_ratio", "4"], True),
+    ("prefix_tuning", ["--finetuning_type", "prefix_tuning", "--num_virtual_tokens", "4"], False),
+])
+def test_peft_method_checkpoints_are_scored_as_adapters_and_merged_or_refused(method, flags, mergeable, data_dir,
+                                                                               tmp_path, capsys):
+    out = tmp_path / method
+    _train(data_dir, out, [*flags, "--max_steps", "2", "--save_steps", "1", "--eval_steps", "1",
+                           "--save_total_limit", "5"])
+    assert hf_sft_eval.main(_eval_args(out)) == 0
+    records = _metrics(out)
+    assert [(r["step"], r["model_kind"]) for r in records] == [(0, "full"), (1, "adapter"), (2, "adapter")]
+    logged = {r["step"]: r["eval_loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+              if "eval_loss" in r}
+    for record in records[1:]:  # the evaluator's base + adapter gives the trainer's own validation loss
+        assert record["eval_loss"] == pytest.approx(logged[record["step"]], rel=1e-4), record["step"]
+    capsys.readouterr()
+    code = hf_sft_eval.main(["--run", str(out), "--merge", "--threads", "1", "--nice", "0"])
+    if mergeable:
+        assert code == 0 and (out / "merged" / "model.safetensors").is_file()
+    else:
+        assert code == 2 and not (out / "merged").exists()
+        assert "is prefix_tuning: its virtual tokens are not weights of the model, so there is nothing to merge" in \
+            capsys.readouterr().err
