@@ -31,6 +31,7 @@ from sft.evaluate.inference import (
     prompt_ids,
     read_prompt_records,
 )
+from sft.evaluate.metrics import validate_check
 from sft.evaluate.options import EvalArguments, GenerationOptions
 from sft.files import write_text_atomic
 from sft.models import load_model
@@ -147,6 +148,11 @@ def read_prompt_items(path: str, default_kind: str = "prompt") -> list[PromptIte
         check = record.get("check")
         if check is not None and not isinstance(check, dict):
             raise ValueError(f"{where}: \"check\" must be an object such as {{\"contains\": [\"Paris\"]}}")
+        if check is not None:
+            try:  # at start: a bad key found while scoring would skip every checkpoint and still exit 0
+                validate_check(check)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
         items.append(PromptItem(str(record.get("id", os.path.basename(where))), conv, reference, check,
                                 str(record.get("kind", default_kind))))
     return items

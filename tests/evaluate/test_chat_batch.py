@@ -284,3 +284,18 @@ def test_chat_on_a_terminal_prompts_for_input(model_dir):
         chat.kill()
         os.close(leader)
     assert b"/reset clears the history" in seen and b"Assistant: " in seen
+
+
+@pytest.mark.parametrize("stdin", ["empty", "closed"])
+def test_chat_with_no_input_ends_cleanly_and_says_why(model_dir, stdin):
+    # `</dev/null` ran to exit 0 in silence; `<&-` (no stdin at all) was an AttributeError traceback.
+    command = [sys.executable, "hf_sft_eval.py", "chat", "--model", model_dir, "--threads", "1"]
+    if stdin == "empty":
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, cwd=REPO, env=ENV, capture_output=True,
+                                text=True, timeout=120)
+    else:
+        result = subprocess.run(["bash", "-c", 'exec "$@" <&-', "chat", *command], cwd=REPO, env=ENV,
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "no input on stdin (it is empty or closed): nothing to answer" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
