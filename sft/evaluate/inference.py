@@ -95,6 +95,43 @@ def load_inference_tokenizer(path: str, base_model: str | None = None):
     return load_tokenizer(adapter_base(path, base_model) if is_adapter_dir(path) else path)
 
 
+# ------------------------------------------------------------------------------------ CPU dtype
+
+EVAL_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU feature that runs bf16 matmuls natively (AMX, AVX512_BF16, ARM BF16), or None.
+
+    Without one torch emulates bf16 through fp32 conversions, which is slower than fp32 itself. torch's own
+    get_cpu_capability() names only the kernel family it dispatches to (e.g. "AVX512" on a CPU that has
+    avx512_bf16), so the kernel's CPU flags decide.
+    """
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    if "AMX" in capability or "BF16" in capability:
+        return capability
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    flags = {word for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for word in line.split(":", 1)[-1].split()}
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512_BF16"), ("bf16", "ARM BF16")):
+        if flag in flags:
+            return name
+    return None
+
+
+def resolve_eval_dtype(choice: str, cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
+    """(dtype to load in, why) for --eval_dtype auto|float32|bfloat16."""
+    if choice != "auto":
+        return choice, "--eval_dtype"
+    feature = cpu_bf16_feature(cpuinfo)
+    if feature:
+        return "bfloat16", f"auto: the CPU has native bf16 ({feature})"
+    return "float32", "auto: the CPU has no native bf16 (it would be emulated, slower than fp32)"
+
+
 # ------------------------------------------------------------------------------------- prompts
 
 
