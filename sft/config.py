@@ -456,8 +456,9 @@ def load_run_config(run_dir: str | os.PathLike) -> SFTConfig:
                                 "(it writes sft_config.yaml at start)")
     problem = _run_config_problem(path)
     if problem:
-        raise ConfigError(f"{path}: the run's resolved config is damaged: {problem}. Fix that line (hf_sft.py writes every resolved flag there at the "
-                          "start of a run, one `flag: value` a line; `hf_sft.py --help` lists the flags)")
+        raise ConfigError(f"{path}: the run's resolved config is damaged: {problem}. Fix the file (hf_sft.py "
+                          "writes every resolved flag there at the start of a run, one `flag: value` a line; "
+                          "`hf_sft.py --help` lists the flags)")
     try:
         return parse_config(["--config", str(path)], check_machine=False, overrides=CPU_READER_OVERRIDES)
     except ConfigError as err:

@@ -129,7 +129,8 @@ def batch_settings(args: ModelChoice, options: GenerationOptions) -> dict[str, A
     def where(name: str | None) -> str | None:  # one model, however its folder is spelled
         return os.path.realpath(name) if name and os.path.exists(name) else name
 
-    settings: dict[str, Any] = {"model": where(args.model), "base_model": where(args.base_model), "template": args.template,
+    settings: dict[str, Any] = {"model": where(args.model), "base_model": where(args.base_model),
+                                "template": args.template,
                                 "system_prompt": args.system_prompt, "max_new_tokens": options.max_new_tokens,
                                 "do_sample": options.do_sample}
     if options.do_sample:  # greedy answers do not depend on these

@@ -5,8 +5,9 @@
 
 What was evaluated is what `eval/metrics.jsonl` holds (one line per step, appended when done), so a
 restarted evaluator continues where it stopped. A step being evaluated is claimed (eval/locks/step-N.lock,
-flock'ed): a second evaluator on the same run skips it, and the claim of a killed one is free at once. Only checkpoints with the trainer's COMPLETE marker
-are read, and a checkpoint deleted by rotation while it is being read is logged and skipped.
+flock'ed): a second evaluator on the same run skips it, and the claim of a killed one is free at once.
+Only checkpoints with the trainer's COMPLETE marker are read, and a checkpoint deleted by rotation while
+it is being read is logged and skipped.
 """
 from __future__ import annotations
 
