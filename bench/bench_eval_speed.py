@@ -115,15 +115,17 @@ def main() -> None:
         print(f"per checkpoint: validation loss on {len(setup.val)} conversations, greedy generation on "
               f"{len(setup.prompts) + len(setup.general)} prompts x {args.max_new_tokens} new tokens "
               f"(batch {args.batch_size})")
-        rows = [time_checkpoint(setup, dtype) for dtype in dtypes]
-    print()
-    print("| dtype | load s | val loss s (tokens) | generation s (tokens, tok/s) | s / checkpoint | checkpoints/min "
-          "| val loss only: checkpoints/min |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['dtype']} | {r['load_s']:.1f} | {r['val_loss_s']:.1f} ({r['val_tokens']}) | "
-              f"{r['generate_s']:.1f} ({r['generated_tokens']}, {r['generated_tokens'] / r['generate_s']:.1f}) | "
-              f"{r['total_s']:.1f} | {60 / r['total_s']:.2f} | {60 / (r['load_s'] + r['val_loss_s']):.2f} |")
+        print("\n| dtype | load s | val loss s (tokens) | generation s (tokens, tok/s) | s / checkpoint "
+              "| checkpoints/min | val loss only: checkpoints/min |", flush=True)
+        print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+        rows = []
+        for dtype in dtypes:  # each row as soon as it is measured: a long run killed midway keeps what it had
+            r = time_checkpoint(setup, dtype)
+            rows.append(r)
+            print(f"| {r['dtype']} | {r['load_s']:.1f} | {r['val_loss_s']:.1f} ({r['val_tokens']}) | "
+                  f"{r['generate_s']:.1f} ({r['generated_tokens']}, {r['generated_tokens'] / r['generate_s']:.1f}) "
+                  f"| {r['total_s']:.1f} | {60 / r['total_s']:.2f} | {60 / (r['load_s'] + r['val_loss_s']):.2f} |",
+                  flush=True)
     if len(rows) == 2:
         print(f"\nbf16 vs fp32: validation loss {rows[0]['val_loss_s'] / rows[1]['val_loss_s']:.2f}x, generation "
               f"{rows[0]['generate_s'] / rows[1]['generate_s']:.2f}x faster; eval_loss {rows[0]['eval_loss']} vs "
