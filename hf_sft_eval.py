@@ -17,12 +17,6 @@ from __future__ import annotations
 import os
 import sys
 
-# The evaluator is a CPU job that runs beside training: never grab a GPU the trainer needs. (`serve --device
-# cuda` gives them back: GPUS_HIDDEN tells it that the empty value is ours, not the user's.)
-if "CUDA_VISIBLE_DEVICES" not in os.environ:
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    os.environ["SFT_EVAL_GPUS_HIDDEN"] = "1"
-
 from sft.cli import run_entry  # noqa: E402
 
 SUBCOMMANDS = ("chat", "batch", "serve", "compare")
@@ -49,7 +43,23 @@ def _main(argv: list[str]) -> int:
     return eval_main(argv)
 
 
+def hide_gpus() -> None:
+    """The evaluator is a CPU job beside training: never take a GPU the trainer needs, whatever
+    CUDA_VISIBLE_DEVICES says (a shell that set it for training, a job script). Set before torch initialises
+    CUDA, which reads the variable then. `serve --device cuda` is the one command that asks for a GPU: it gets
+    the user's value back from SFT_EVAL_CUDA_VISIBLE_DEVICES (absent: the variable was unset)."""
+    if os.environ.get("SFT_EVAL_GPUS_HIDDEN") and os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return  # already hidden (main called again, or a child of an evaluator): the saved value is the user's
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        os.environ["SFT_EVAL_CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    else:
+        os.environ.pop("SFT_EVAL_CUDA_VISIBLE_DEVICES", None)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["SFT_EVAL_GPUS_HIDDEN"] = "1"
+
+
 def main(argv: list[str] | None = None) -> int:
+    hide_gpus()
     return run_entry(_main, argv, "hf_sft_eval.py")
 
 

@@ -563,12 +563,97 @@ def load_run_config(run_dir: str | os.PathLike) -> SFTConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --run must be an hf_sft.py output folder "
                                 "(it writes sft_config.yaml at start)")
+    problem = _run_config_problem(path)
+    if problem:
+        raise ConfigError(f"{path}: the run's resolved config is damaged: {problem}. Fix the file (hf_sft.py "
+                          "writes every resolved flag there at the start of a run, one `flag: value` a line; "
+                          "`hf_sft.py --help` lists the flags)")
     try:
         return parse_config(["--config", str(path)], check_machine=False, overrides=CPU_READER_OVERRIDES)
     except ConfigError as err:
         message = str(err).replace(f"--config {path}: ", "")
         raise ConfigError(f"{path}: the run's resolved config is not readable by this version of hf_sft.py: "
                           f"{message}. Fix or regenerate it (hf_sft.py writes it at start)") from None
+
+
+def _run_config_problem(path: Path) -> str | None:
+    """What makes a run's sft_config.yaml unusable, in one line with its line number, or None.
+
+    Stricter than a user's --config: this file is machine-written, so an empty file, a mapping that is
+    not one, or a value whose kind cannot be the field's (a mapping for max_steps) is damage, and argparse
+    would take such a value as the field's default without converting or checking it.
+    """
+    import typing
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}): the file is damaged"
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        return f"{where}not valid YAML ({what})"
+    if values is None:
+        return "the file is empty (a run writes every resolved flag there)"
+    if not isinstance(values, dict):
+        return f"expected a mapping of flag names to values, got a YAML {type(values).__name__}"
+    hints = {}
+    for group in _training_groups():
+        try:
+            hints.update(typing.get_type_hints(group))
+        except Exception:  # a type this Python cannot evaluate: that group's values are left to argparse
+            continue
+    lines = {str(key): number for number, key in _top_level_keys(text)}
+    for key, value in values.items():
+        if key in hints and not _value_fits(value, hints[key]):
+            return (f"line {lines.get(str(key), '?')}: {key}: {value!r} is not a valid value for --{key} "
+                    f"(expected {_type_name(hints[key])})")
+    return None
+
+
+def _top_level_keys(text: str):
+    """(line number, key) of each unindented `key:` line."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line[:1] not in ("", " ", "\t", "#", "-") and ":" in line:
+            yield number, line.split(":", 1)[0].strip()
+
+
+def _value_fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value can be the value of a field typed `hint` (strings are left to argparse)."""
+    import enum
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(value, str) and hint is not dict and origin is not dict:
+        return True  # argparse converts (and refuses) strings itself
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_value_fits(value, arm) for arm in args)
+    if value is None:
+        return hint is type(None)
+    if origin in (list, tuple, set, Sequence) or hint in (list, tuple):
+        return isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return any(value == member.value for member in hint)
+    if isinstance(hint, type) and hint is not str:
+        return True  # a type this check does not know: leave it to the parser
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def write_resolved_config(config: SFTConfig, output_dir: str | os.PathLike) -> Path:

@@ -10,7 +10,8 @@ batch output, one line per input record, in input order:
      "reference"?: "...", <passed-through fields>}
 
 The output is appended and fsync'ed after every batch, so an interrupted run picks up where it stopped:
-the existing output must be a prefix of what this input produces (a torn last line is cut off).
+the existing output must be a prefix of what this input produces (a torn last line is cut off), made with the
+same model and generation settings (recorded in OUTPUT.settings.json; a resume with others is refused).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from sft.evaluate.inference import (
     read_prompt_records,
 )
 from sft.evaluate.options import BatchFiles, ModelChoice
+from sft.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,51 @@ def _clip(text: str, width: int = 60) -> str:
     return repr(text if len(text) <= width else text[:width] + "...")
 
 
+SETTINGS_SUFFIX = ".settings.json"
+
+
+def batch_settings(args: ModelChoice, options: GenerationOptions) -> dict[str, Any]:
+    """What the answers depend on, as flags: a resume must use the same (batch_size only regroups prompts)."""
+    def where(name: str | None) -> str | None:  # one model, however its folder is spelled
+        return os.path.realpath(name) if name and os.path.exists(name) else name
+
+    settings: dict[str, Any] = {"model": where(args.model), "base_model": where(args.base_model),
+                                "template": args.template,
+                                "system_prompt": args.system_prompt, "max_new_tokens": options.max_new_tokens,
+                                "do_sample": options.do_sample}
+    if options.do_sample:  # greedy answers do not depend on these
+        settings.update(temperature=options.temperature, top_p=options.top_p, seed=options.seed)
+    return settings
+
+
+def check_settings(output: str, settings: dict[str, Any]) -> None:
+    """Refuse to append to an output made with other settings; record them beside a new output (OUTPUT.settings.json).
+
+    An output without a settings file (written before they were recorded) is resumed as before, and gets one.
+    """
+    path = Path(output + SETTINGS_SUFFIX)
+    if os.path.exists(output) and os.path.getsize(output) and path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not readable ({err}); it records the settings of {output}. Delete both "
+                             "files to start afresh, or pass another --output") from None
+        changed = [f"--{key} {_flag_value(settings.get(key))} (the output was made with "
+                   f"{_flag_value(stored.get(key))})" for key in sorted(set(stored) | set(settings))
+                   if stored.get(key) != settings.get(key)]
+        if changed:
+            raise ValueError(f"--output {output} was made with other settings, so resuming would mix answers: "
+                             f"{'; '.join(changed)}. Rerun with the settings it was made with (they are in {path}), "
+                             "or pass a new --output")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(settings, indent=1, ensure_ascii=False) + "\n")
+
+
+def _flag_value(value: Any) -> str:
+    return "(not set)" if value is None else json.dumps(value, ensure_ascii=False)
+
+
 @dataclass
 class BatchStats:
     answered: int = 0
@@ -174,6 +221,7 @@ def batch_main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     items = read_batch_input(files.input)
+    check_settings(files.output, batch_settings(args, options))
     start = finished_prefix(files.output, items)
     stats = BatchStats(skipped=start)
     if start < len(items):

@@ -27,6 +27,8 @@ from sft.evaluate.options import ModelChoice
 
 logger = logging.getLogger(__name__)
 
+NO_INPUT = ("hf_sft_eval.py chat: no input on stdin (it is empty or closed): nothing to answer. Run it in a "
+            "terminal, or pipe messages in, one a line (e.g. `echo 'Who are you?' | hf_sft_eval.py chat ...`)")
 CHAT_HELP = "commands: /reset clears the history, /system TEXT sets the system prompt (and resets), /exit quits"
 PROMPT_KEYS = ("prompt", "system", "id", "reference")  # what a {"prompt": ...} record means itself
 OUTPUT_KEYS = ("index", "id", "prompt", "answer", "num_tokens", "stopped", "reference")
@@ -159,6 +161,9 @@ def chat_main(argv: list[str]) -> int:
     """Interactive chat with a trained model; scriptable when stdin is not a terminal (answers only)."""
     args, options = parse_args((ModelChoice, GenerationOptions), argv, prog="hf_sft_eval.py chat",
                                description="Chat with a trained model (answers are streamed).")
+    if sys.stdin is None or sys.stdin.closed:  # `<&-`: nothing can ever be read; say so before loading a model
+        print(NO_INPUT, file=sys.stderr, flush=True)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(args.model, base_model=args.base_model)
@@ -170,9 +175,24 @@ def chat_main(argv: list[str]) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {args.model}. {CHAT_HELP}; Ctrl-D also quits.", flush=True)
-    lines = _terminal_lines("User: ") if interactive else sys.stdin
-    return run_chat(model, session, options, lines, sys.stdout, sys.stdout if interactive else sys.stderr,
+    lines = _CountedLines(_terminal_lines("User: ") if interactive else sys.stdin)
+    code = run_chat(model, session, options, lines, sys.stdout, sys.stdout if interactive else sys.stderr,
                     interactive)
+    if not lines.count and not interactive:  # `</dev/null`, an empty pipe: end cleanly, but not silently
+        print(NO_INPUT, file=sys.stderr, flush=True)
+    return code
+
+
+class _CountedLines:
+    """The input lines, counting how many were read (none: stdin was empty or closed)."""
+
+    def __init__(self, lines: Iterable[str]):
+        self.lines, self.count = lines, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self.lines:
+            self.count += 1
+            yield line
 
 
 # ---------------------------------------------------------------------------------------- batch

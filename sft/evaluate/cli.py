@@ -35,14 +35,76 @@ def wait_for_run_start(run: Path, poll_seconds: float, max_idle_minutes: float |
         time.sleep(poll_seconds)
 
 
+def cgroup_cpu_quota(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """CPUs this process may use by its cgroup's CPU quota (a container's --cpus), or None when unlimited.
+
+    cgroup v2: `cpu.max` ("QUOTA PERIOD" or "max PERIOD"); v1: cpu.cfs_quota_us / cpu.cfs_period_us (-1:
+    none). Every level from the process's own cgroup up to the root is read (a parent's limit binds too);
+    inside a container the own path is often not mounted, then the mount's top folder is read.
+    """
+    root = Path(cgroup_root)
+    paths: dict[str, str] = {}  # controller ("" for v2) -> the process's cgroup path
+    try:
+        for line in Path(proc_cgroup).read_text(encoding="utf-8").splitlines():
+            _, controllers, path = line.split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                paths[name] = path
+    except (OSError, ValueError):
+        pass
+    limits = []
+    for folder, read in ([(root / p.lstrip("/"), _cpu_max) for p in _ancestors(paths.get("", "/"))]
+                         + [(root / d / p.lstrip("/"), _cfs_quota) for d in ("cpu,cpuacct", "cpuacct,cpu", "cpu")
+                            for p in _ancestors(paths.get("cpu", "/"))]):
+        limit = read(folder)
+        if limit is not None:
+            limits.append(limit)
+    return min(limits) if limits else None
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = [p for p in path.split("/") if p]
+    return ["/".join(parts[:k]) for k in range(len(parts), -1, -1)]
+
+
+def _cpu_max(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _cfs_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """CPUs this process can really use: its affinity mask (taskset, cpusets, Slurm), capped by the cgroup
+    quota (rounded down: a 2.5-CPU quota runs 2 threads without throttling), at least 1. Not os.cpu_count(),
+    which counts the machine's cores whatever the process is allowed."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is not None:
+        cpus = min(cpus, int(quota))
+    return max(1, cpus)
+
+
 def configure_cpu(threads: int | None, nice: int, training_running: bool = True) -> int:
-    """Be a good neighbour to a training run: half the cores and a lower priority while it runs."""
+    """Be a good neighbour to a training run: half the usable CPUs and a lower priority while it runs."""
     if nice:
         try:
             os.nice(nice)
         except OSError:
             pass
-    cores = os.cpu_count() or 2
+    cores = available_cpus()
     threads = threads or (max(1, cores // 2) if training_running else cores)
     torch.set_num_threads(threads)
     return threads

@@ -4,8 +4,10 @@
     evaluate_run(setup, watch=True)                              # RUN/eval/{metrics.jsonl, predictions-*.jsonl, ...}
 
 What was evaluated is what `eval/metrics.jsonl` holds (one line per step, appended when done), so a
-restarted evaluator continues where it stopped. Only checkpoints with the trainer's COMPLETE marker
-are read, and a checkpoint deleted by rotation while it is being read is logged and skipped.
+restarted evaluator continues where it stopped. A step being evaluated is claimed (eval/locks/step-N.lock,
+flock'ed): a second evaluator on the same run skips it, and the claim of a killed one is free at once.
+Only checkpoints with the trainer's COMPLETE marker are read, and a checkpoint deleted by rotation while
+it is being read is logged and skipped.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ from sft.evaluate.inference import (
     load_for_inference,
     prompt_ids,
     read_prompt_records,
+    resolve_eval_dtype,
 )
+from sft.evaluate.metrics import validate_check
 from sft.evaluate.options import EvalArguments, GenerationOptions
 from sft.files import write_text_atomic
 from sft.models import load_model
@@ -75,6 +79,11 @@ class EvalSetup:
     include_base: bool = True
     poll_seconds: float = 10.0
     sources: dict[str, str | None] = field(default_factory=dict)
+    dtype: str = "float32"  # the weights' dtype on the CPU (--eval_dtype)
+    dtype_reason: str = ""
+    quantized_base: bool = False  # a QLoRA run: its adapters are scored on the unquantized base
+    generate_every: int = 1  # generation on every k-th checkpoint (by step / save_steps)
+    save_steps: float | None = None
 
     @property
     def eval_dir(self) -> Path:
@@ -101,13 +110,18 @@ class EvalSetup:
         prompts = prompts[:args.num_prompts or len(prompts)]
         general_file = args.general or data.general_eval
         general = read_prompt_items(_resolve(general_file, run), default_kind="general") if general_file else []
+        dtype, dtype_reason = resolve_eval_dtype(args.eval_dtype)
+        save_steps = config.training.save_steps
         return cls(run_dir=run, base_model=args.base_model or model.model,
                    encode=encode, val=val, prompts=prompts, general=general,
                    generation=generation or GenerationOptions(),
                    eval_batch_size=args.eval_batch_size or config.training.per_device_eval_batch_size,
                    include_base=not args.no_base, poll_seconds=args.poll_seconds,
                    sources={"val": val_file, "prompts": prompts_file or (val_file and f"{val_file} (prompts)"),
-                            "general": general_file})
+                            "general": general_file},
+                   dtype=dtype, dtype_reason=dtype_reason, quantized_base=config.method.finetuning_type == "qlora",
+                   generate_every=args.generate_every,
+                   save_steps=float(save_steps) if isinstance(save_steps, (int, float)) else None)
 
 
 def _validation_records(config: SFTConfig, args: EvalArguments, run: Path) -> tuple[list, str | None]:
@@ -147,6 +161,11 @@ def read_prompt_items(path: str, default_kind: str = "prompt") -> list[PromptIte
         check = record.get("check")
         if check is not None and not isinstance(check, dict):
             raise ValueError(f"{where}: \"check\" must be an object such as {{\"contains\": [\"Paris\"]}}")
+        if check is not None:
+            try:  # at start: a bad key found while scoring would skip every checkpoint and still exit 0
+                validate_check(check)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
         items.append(PromptItem(str(record.get("id", os.path.basename(where))), conv, reference, check,
                                 str(record.get("kind", default_kind))))
     return items
@@ -202,13 +221,73 @@ def append_jsonl(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+# ------------------------------------------------------------------------------------- claims
+
+LOCKS_DIR = "locks"
+
+
+@dataclass
+class Claim:
+    """This evaluator's hold on one step: an flock'ed eval/locks/step-N.lock holding {"pid", "host", "time"}."""
+
+    path: Path
+    fd: int
+
+    def release(self, finished: bool) -> None:
+        """Drop the claim; a finished step's lock file goes (its metrics line says it is done)."""
+        if finished:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)  # closing releases the flock
+
+
+def claim_step(eval_dir: Path, step: int) -> Claim | None:
+    """Claim `step` for this evaluator, or None when another running evaluator holds it.
+
+    The kernel's flock is the claim, so the lock of a killed evaluator is free at once (its file, naming the
+    dead pid, is simply taken over); the pid and host inside are for people reading the folder. flock is per
+    open file, so two evaluators in one process exclude each other too.
+    """
+    import fcntl
+    import socket
+
+    folder = eval_dir / LOCKS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        logger.info("step %d is being evaluated by another evaluator (%s): skipped here", step, _holder(path))
+        return None
+    previous = _holder(path)
+    if previous:
+        logger.info("took over the claim on step %d left by %s (no longer running)", step, previous)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": round(time.time(), 3)}
+                             ).encode(), 0)
+    return Claim(path, fd)
+
+
+def _holder(path: Path) -> str:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8") or "{}")
+        return f"pid {record['pid']} on {record['host']}" if record else ""
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 # -------------------------------------------------------------------------------------- loading
 
 
 class ModelCache:
-    """Keeps the last base model so that adapter checkpoints of one run do not reload it each time."""
+    """Keeps the last base model so that adapter checkpoints of one run do not reload it each time.
 
-    def __init__(self):
+    dtype: what every model is loaded in (a QLoRA run's base too: unquantized, the CPU has no 4-bit kernels).
+    """
+
+    def __init__(self, dtype: str = "float32"):
+        self.dtype = dtype
         self.base_path: str | None = None
         self.base = None
 
@@ -218,7 +297,7 @@ class ModelCache:
         An adapter goes on the base it names (full_then_lora: `full_phase/`), else on the run's model.
         """
         kind = "adapter" if is_adapter_dir(path) else "full"
-        model, tokenizer = load_for_inference(path, fallback_base=base_model, load_base=self._base)
+        model, tokenizer = load_for_inference(path, fallback_base=base_model, load_base=self._base, dtype=self.dtype)
         return model, tokenizer, kind
 
     def release(self, model) -> None:
@@ -235,7 +314,7 @@ class ModelCache:
 
     def _base(self, base_path: str):
         if self.base_path != base_path:
-            self.base, self.base_path = load_model(base_path, dtype="float32"), base_path
+            self.base, self.base_path = load_model(base_path, dtype=self.dtype), base_path
         return self.base
 
 
@@ -290,16 +369,22 @@ def evaluate_target(target: Target, setup: EvalSetup, cache: ModelCache) -> dict
     started = time.time()
     model, tokenizer, kind = cache.load(target.path, setup.base_model)
     try:
-        record: dict[str, Any] = {"step": target.step, "checkpoint": target.label, "model_kind": kind}
+        record: dict[str, Any] = {"step": target.step, "checkpoint": target.label, "model_kind": kind,
+                                  "dtype": setup.dtype}
+        if kind == "adapter" and setup.quantized_base:
+            record["base_weights"] = f"unquantized ({setup.dtype})"  # trained on a 4-bit base, scored without it
         record.update(validation_loss(model, tokenizer, setup))
         gen_started, gen_tokens, predictions = time.time(), 0, []
-        if setup.prompts:
+        generating = should_generate(target, setup)
+        if not generating:
+            record["generation"] = f"skipped (--generate_every {setup.generate_every})"
+        if setup.prompts and generating:
             answers = generate_for(setup.prompts, model, tokenizer, setup)
             rows, summary = score_items(setup.prompts, answers)
             record.update(summary)
             predictions += [{"set": "prompts", **row} for row in rows]
             gen_tokens += sum(a.num_tokens for a in answers)
-        if setup.general:
+        if setup.general and generating:
             answers = generate_for(setup.general, model, tokenizer, setup)
             rows, summary = score_items(setup.general, answers)
             record.update({f"general/{key}": value for key, value in summary.items()})
@@ -314,6 +399,20 @@ def evaluate_target(target: Target, setup: EvalSetup, cache: ModelCache) -> dict
     record["time"] = round(time.time(), 3)
     _write_predictions(setup.eval_dir / f"predictions-{target.step}.jsonl", predictions)
     return record
+
+
+def should_generate(target: Target, setup: EvalSetup) -> bool:
+    """--generate_every k: the base, the final model and every k-th checkpoint (step / save_steps) generate.
+
+    Counted by step, not by position in the folder, so rotation (--save_total_limit) or a restarted
+    evaluator picks the same checkpoints.
+    """
+    if setup.generate_every <= 1 or not target.label.startswith("checkpoint-"):
+        return True
+    if not setup.save_steps or setup.save_steps < 1:  # a fraction of the run: no fixed spacing
+        return True
+    number = target.step / setup.save_steps
+    return number != int(number) or int(number) % setup.generate_every == 0
 
 
 def _write_predictions(path: Path, rows: list[dict]) -> None:
@@ -339,19 +438,31 @@ def evaluate_run(setup: EvalSetup, watch: bool = False, on_record: Callable[[dic
     Returns the records evaluated by this call. on_record runs after each (report/plot refresh).
     """
     setup.eval_dir.mkdir(parents=True, exist_ok=True)
-    cache, skipped, new = ModelCache(), set(), []
+    cache, skipped, new = ModelCache(setup.dtype), set(), []
     idle_since = time.time()
     while True:
         done = read_done(setup.eval_dir)
         ended = read_run_end(setup.run_dir) is not None  # read BEFORE listing: a checkpoint saved last is still seen
         pending = pending_targets(setup, done, skipped)
         for target in pending:
-            record = _evaluate_or_skip(target, setup, cache, skipped)
-            if record is None:
+            claim = claim_step(setup.eval_dir, target.step)
+            if claim is None:  # another evaluator has it; its metrics line will show up in `done`
                 continue
-            if target.step != BASE_STEP:
-                record.update(forgetting_delta(record, done.get(BASE_STEP)))
-            append_jsonl(setup.eval_dir / METRICS_NAME, record)
+            finished = False
+            try:
+                done = read_done(setup.eval_dir)  # it may have finished this step between our listing and claim
+                if target.step in done:
+                    finished = True
+                    continue
+                record = _evaluate_or_skip(target, setup, cache, skipped)
+                if record is None:
+                    continue
+                if target.step != BASE_STEP:
+                    record.update(forgetting_delta(record, done.get(BASE_STEP)))
+                append_jsonl(setup.eval_dir / METRICS_NAME, record)
+                finished = True
+            finally:
+                claim.release(finished)
             new.append(record)
             done[target.step] = record
             logger.info("evaluated %s (step %d) in %.1fs: %s", target.label, target.step, record["eval_seconds"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,7 +23,7 @@ import torch
 from sft.chat_templates import TURN_END_TOKENS
 from sft.conversation import Conversation, Message, is_plain_text
 from sft.evaluate.options import GenerationOptions
-from sft.models import load_model, load_tokenizer
+from sft.models import ModelLoadError, load_model, load_tokenizer
 from sft.tokens.encoding import tokenize_segments
 from sft.tokens.template import render_segments
 from sft.train.export import adapter_base, is_adapter_dir
@@ -46,6 +47,32 @@ def load_for_inference(path: str, base_model: str | None = None, dtype: str = "f
     fallback_base: the base when the adapter names none. load_base(path) -> model lets a caller reuse
     one base for many adapters (the evaluator's cache); default: load it fresh.
     """
+    try:
+        model, tokenizer = _load(path, base_model, dtype, merge, fallback_base, load_base)
+    except (pickle.UnpicklingError, EOFError) as err:
+        raise ModelLoadError(unsafe_pickle_message(path, err)) from None
+    except RuntimeError as err:  # torch's reader on a truncated or non-zip .bin
+        if "PytorchStreamReader" not in str(err) and "weights_only" not in str(err):
+            raise
+        raise ModelLoadError(unsafe_pickle_message(path, err)) from None
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def unsafe_pickle_message(path: str, err: BaseException) -> str:
+    """The error for a pickled weights file torch refused (weights_only) or could not read, naming the file."""
+    files = sorted(str(f) for pattern in ("*.bin", "*.pt", "*.pth") for f in Path(path).glob(pattern)
+                   if f.name != "training_args.bin") if Path(path).is_dir() else []
+    # torch's own text is not repeated: it suggests weights_only=False, which would run whatever the file holds
+    named = " or ".join(files) if files else f"a pickled weights file of {path}"
+    return (f"{named}: torch refused to load it ({type(err).__name__}): a pickled (.bin/.pt) weights file "
+            "that holds objects other than tensors (possibly malicious) or is corrupt. It was not executed. Use "
+            "another checkpoint, or re-save this one as safetensors from a trusted copy; never load it with "
+            "weights_only=False unless you trust its source")
+
+
+def _load(path: str, base_model: str | None, dtype: str, merge: bool, fallback_base: str | None,
+          load_base: Callable[[str], Any] | None):
     if is_adapter_dir(path):
         from peft import PeftModel
 
@@ -59,7 +86,6 @@ def load_for_inference(path: str, base_model: str | None = None, dtype: str = "f
     else:
         model = load_model(path, dtype=dtype)
         tokenizer = load_tokenizer(path)
-    model.to(device).eval()
     return model, tokenizer
 
 
@@ -92,6 +118,43 @@ def load_inference_tokenizer(path: str, base_model: str | None = None):
     if any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         return load_tokenizer(path)
     return load_tokenizer(adapter_base(path, base_model) if is_adapter_dir(path) else path)
+
+
+# ------------------------------------------------------------------------------------ CPU dtype
+
+EVAL_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU feature that runs bf16 matmuls natively (AMX, AVX512_BF16, ARM BF16), or None.
+
+    Without one torch emulates bf16 through fp32 conversions, which is slower than fp32 itself. torch's own
+    get_cpu_capability() names only the kernel family it dispatches to (e.g. "AVX512" on a CPU that has
+    avx512_bf16), so the kernel's CPU flags decide.
+    """
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    if "AMX" in capability or "BF16" in capability:
+        return capability
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    flags = {word for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for word in line.split(":", 1)[-1].split()}
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512_BF16"), ("bf16", "ARM BF16")):
+        if flag in flags:
+            return name
+    return None
+
+
+def resolve_eval_dtype(choice: str, cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
+    """(dtype to load in, why) for --eval_dtype auto|float32|bfloat16."""
+    if choice != "auto":
+        return choice, "--eval_dtype"
+    feature = cpu_bf16_feature(cpuinfo)
+    if feature:
+        return "bfloat16", f"auto: the CPU has native bf16 ({feature})"
+    return "float32", "auto: the CPU has no native bf16 (it would be emulated, slower than fp32)"
 
 
 # ------------------------------------------------------------------------------------- prompts

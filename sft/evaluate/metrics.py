@@ -115,7 +115,8 @@ def contains(prediction: str, needles: list[str], *, case_sensitive: bool = Fals
 
 # --- format checks ---------------------------------------------------------------------------------
 
-def _validate_check(check: dict) -> None:
+def validate_check(check: dict) -> None:
+    """Raise ValueError for unknown keys or wrongly typed values (read_prompt_items calls it at start)."""
     unknown = [key for key in check if key not in CHECK_KEYS]
     if unknown:
         raise ValueError(
@@ -161,7 +162,7 @@ def check_format(prediction: str, check: dict) -> dict:
     ["missing 'Lumen'"], ["not valid JSON: ..."], ["value 'good' for 'sentiment' not in ['positive']"].
     `contains` is case-sensitive, as data/README.md specifies. An unknown key raises ValueError.
     """
-    _validate_check(check)
+    validate_check(check)
     reasons = [f"missing {needle!r}" for needle in check.get("contains", []) if needle not in prediction]
     json_valid = None
     if "json_keys" in check or "json_values" in check:

@@ -65,7 +65,8 @@ class EvalArguments:
     max_idle_minutes: float | None = field(default=None, metadata=_help(
         "With --watch: give up when no checkpoint appeared for this long (a crashed run)."))
     threads: int | None = field(default=None, metadata=_help(
-        "CPU threads for the evaluator (default: half the cores while the run is training, all once it ended)."))
+        "CPU threads for the evaluator (default: half the usable CPUs - affinity mask, cgroup quota - while the "
+        "run is training, all once it ended)."))
     nice: int = field(default=10, metadata=_help("Scheduling niceness increment (0 disables)."))
     val_data: str | None = field(default=None, metadata=_help(
         "Validation file (default: the run's --val_data / --val_size)."))
@@ -78,6 +79,12 @@ class EvalArguments:
         "General-ability prompts for the forgetting check (default: the run's --general_eval)."))
     base_model: str | None = field(default=None, metadata=_help("Base model (default: the run's --model)."))
     no_base: bool = field(default=False, metadata=_help("Do not evaluate the base model as step 0."))
+    eval_dtype: str = field(default="auto", metadata=_help(
+        "Weights dtype on the CPU: auto (bfloat16 where the CPU has native bf16: AMX or AVX512_BF16, else "
+        "float32), float32 or bfloat16. The report says which."))
+    generate_every: int = field(default=1, metadata=_help(
+        "Generate (prompts, general set) on every k-th checkpoint only (by step / --save_steps); the validation "
+        "loss runs on every one, and the base and final models always generate. For large models on a CPU."))
     template: str | None = field(default=None, metadata=_help("Override the run's chat template (default: the run's)."))
     system_prompt: str | None = field(default=None, metadata=_help(
         "Override the run's system prompt (default: the run's)."))
@@ -97,8 +104,10 @@ class EvalArguments:
     def problems(self) -> list[str]:
         out = _template_problems(self.template) + _threads_problems(self.threads)
         out += [f"--{name} {getattr(self, name)}: must be at least 1" for name in ("num_val", "num_prompts",
-                                                                                  "eval_batch_size")
+                                                                                  "eval_batch_size", "generate_every")
                 if getattr(self, name) is not None and getattr(self, name) < 1]
+        if self.eval_dtype not in ("auto", "float32", "bfloat16"):
+            out.append(f"--eval_dtype {self.eval_dtype!r}: expected auto, float32 or bfloat16")
         if self.poll_seconds <= 0:
             out.append(f"--poll_seconds {self.poll_seconds}: must be > 0")
         if (self.merge_from or self.merge_output or self.overwrite) and not self.merge:

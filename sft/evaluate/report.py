@@ -74,7 +74,15 @@ def write_report(setup) -> Path:
               f"- prompts: {setup.sources.get('prompts') or 'none'} ({len(setup.prompts)}); general set: "
               f"{setup.sources.get('general') or 'none'} ({len(setup.general)})",
               f"- decoding: {'sampling' if setup.generation.do_sample else 'greedy'}, "
-              f"max_new_tokens {setup.generation.max_new_tokens}", ""]
+              f"max_new_tokens {setup.generation.max_new_tokens}"
+              + (f"; generation on every {setup.generate_every}th checkpoint (--generate_every), validation loss on "
+                 "all" if setup.generate_every > 1 else ""),
+              f"- weights on the CPU: {setup.dtype}" + (f" ({setup.dtype_reason})" if setup.dtype_reason else "")]
+    if setup.quantized_base:
+        lines.append(f"- QLoRA run: the adapters' scores are **on the unquantized base** ({setup.dtype}), not on the "
+                     "4-bit base they trained on (the CPU evaluator loads the base unquantized), so they can differ "
+                     "slightly from the training run's own eval_loss")
+    lines.append("")
     if best is not None:
         lines += [f"Best: **{best['checkpoint']}** (step {best['step']}) — marked ★. "
                   "Best = highest pass rate, ties by lower validation loss (or lowest validation loss).", ""]

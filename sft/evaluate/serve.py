@@ -353,12 +353,16 @@ def _context_limit(model, tokenizer, configured: int | None) -> int:
 
 
 def _use_gpu(device: str) -> None:
-    """hf_sft_eval.py hides the GPUs from CPU jobs; `serve --device cuda` asks for one, so unhide them (CUDA is not
-    initialized yet, so torch reads the variable afresh) and fail clearly when there is none."""
+    """hf_sft_eval.py hides the GPUs from CPU jobs; `serve --device cuda` asks for one, so give back the user's
+    CUDA_VISIBLE_DEVICES (CUDA is not initialized yet, so torch reads it afresh) and fail clearly without a GPU."""
     import torch
 
-    if os.environ.pop("SFT_EVAL_GPUS_HIDDEN", None) and os.environ.get("CUDA_VISIBLE_DEVICES") == "":
-        del os.environ["CUDA_VISIBLE_DEVICES"]
+    if os.environ.pop("SFT_EVAL_GPUS_HIDDEN", None):
+        users = os.environ.pop("SFT_EVAL_CUDA_VISIBLE_DEVICES", None)
+        if users is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = users
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device}: torch sees no CUDA device on this machine (CUDA_VISIBLE_DEVICES="
                          f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); serve on the CPU with --device cpu")

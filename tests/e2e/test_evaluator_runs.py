@@ -53,7 +53,9 @@ def _train(tmp: Path, out: Path, extra: list[str]) -> None:
 
 
 def _eval_args(out: Path, *extra: str) -> list[str]:
-    return ["--run", str(out), "--max_new_tokens", "6", "--threads", "1", "--nice", "0", *extra]
+    # float32: these tests hold the evaluator's loss to the Trainer's own to 1e-4 (auto may pick bf16 here)
+    return ["--run", str(out), "--max_new_tokens", "6", "--threads", "1", "--nice", "0", "--eval_dtype", "float32",
+            *extra]
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -196,6 +198,17 @@ def test_lora_run_checkpoints_are_evaluated_as_adapters(data_dir, tmp_path):
     assert hf_sft_eval.main(_eval_args(out)) == 0
     records = _metrics(out)
     assert [(r["step"], r["model_kind"]) for r in records] == [(0, "full"), (2, "adapter")]
+    assert "base_weights" not in records[1]
+    assert "QLoRA" not in (out / "eval" / "report.md").read_text()
+    # The same adapter as a QLoRA run would leave it: the CPU evaluator scores it on the unquantized base, and says so.
+    qlora = tmp_path / "qlora_eval"
+    shutil.copytree(out, qlora, ignore=shutil.ignore_patterns("eval"))
+    config = qlora / "sft_config.yaml"
+    config.write_text(config.read_text().replace("finetuning_type: lora", "finetuning_type: qlora"))
+    assert hf_sft_eval.main(_eval_args(qlora, "--no_base")) == 0
+    assert [(r["model_kind"], r["base_weights"]) for r in _metrics(qlora)] == [("adapter", "unquantized (float32)")]
+    assert ("- QLoRA run: the adapters' scores are **on the unquantized base** (float32), not on the 4-bit base"
+            in (qlora / "eval" / "report.md").read_text())
 
 
 def test_errors_name_the_fix(tmp_path, capsys):
@@ -226,14 +239,65 @@ def test_full_then_lora_end_to_end_through_hf_sft_and_the_evaluator(data_dir, tm
         assert record["eval_loss"] == pytest.approx(logged[record["step"]], rel=1e-4), record["step"]
 
 
-def test_threads_default_to_half_the_cores_while_training_runs(monkeypatch):
-    from sft.evaluate.cli import configure_cpu
+def test_threads_default_to_half_the_usable_cpus_while_training_runs(monkeypatch):
+    from sft.evaluate import cli
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's cores: not what this process may use
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(cli, "cgroup_cpu_quota", lambda *a: None)
     monkeypatch.setattr("torch.set_num_threads", lambda n: None)
-    assert configure_cpu(None, 0, training_running=True) == 4
-    assert configure_cpu(None, 0, training_running=False) == 8
-    assert configure_cpu(3, 0, training_running=False) == 3
+    assert cli.configure_cpu(None, 0, training_running=True) == 4
+    assert cli.configure_cpu(None, 0, training_running=False) == 8
+    assert cli.configure_cpu(3, 0, training_running=False) == 3
+    monkeypatch.setattr(cli, "cgroup_cpu_quota", lambda *a: 2.5)  # a container with --cpus 2.5
+    assert cli.configure_cpu(None, 0, training_running=False) == 2
+    assert cli.configure_cpu(None, 0, training_running=True) == 1
+
+
+def test_two_evaluators_on_one_run_evaluate_each_step_once(full_run, tmp_path):
+    # Before: both read an empty metrics.jsonl and evaluated base, checkpoint-2 and checkpoint-4 twice.
+    run = tmp_path / "copy"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("eval"))
+    command = [sys.executable, "hf_sft_eval.py", *_eval_args(run)]
+    evaluators = [subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in evaluators]
+    assert [p.returncode for p in evaluators] == [0, 0], logs
+    assert sorted(r["step"] for r in _metrics(run)) == [0, 2, 4]
+    evaluated = [int(line.split("evaluated ", 1)[1].split()[0]) for log in logs for line in log.splitlines()
+                 if "model(s) in this call" in line]
+    assert sum(evaluated) == 3, logs
+    assert list((run / "eval" / "locks").iterdir()) == []  # finished steps leave no lock behind
+
+
+def test_auto_dtype_is_bf16_where_the_cpu_has_native_bf16_and_the_report_says_so(full_run, tmp_path):
+    from sft.evaluate.inference import cpu_bf16_feature
+
+    run = tmp_path / "copy"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("eval"))
+    args = [a for a in _eval_args(run, "--no_base", "--num_prompts", "1") if a not in ("--eval_dtype", "float32")]
+    assert hf_sft_eval.main(args) == 0
+    feature = cpu_bf16_feature()
+    expected = "bfloat16" if feature else "float32"
+    records = _metrics(run)
+    assert [r["dtype"] for r in records] == [expected, expected]
+    report = (run / "eval" / "report.md").read_text()
+    assert f"- weights on the CPU: {expected} (auto: the CPU has " in report
+    logged = {r["step"]: r["eval_loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+              if "eval_loss" in r}
+    for record in records:  # bf16 weights: the same loss to bf16's precision
+        assert record["eval_loss"] == pytest.approx(logged[record["step"]], rel=2e-2 if feature else 1e-4)
+
+
+def test_generate_every_k_generates_on_every_kth_checkpoint_and_scores_loss_on_all(full_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("eval"))
+    # save_steps 2: checkpoint-2 is the 1st, checkpoint-4 the 2nd; the base always generates
+    assert hf_sft_eval.main(_eval_args(run, "--generate_every", "2")) == 0
+    records = {r["step"]: r for r in _metrics(run)}
+    assert sorted(records) == [0, 2, 4] and all("eval_loss" in r for r in records.values())
+    assert "pass_rate" in records[0] and "pass_rate" in records[4]
+    assert "pass_rate" not in records[2] and records[2]["generation"] == "skipped (--generate_every 2)"
 
 
 @pytest.mark.parametrize("method, flags, mergeable", [

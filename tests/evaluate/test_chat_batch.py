@@ -284,3 +284,53 @@ def test_chat_on_a_terminal_prompts_for_input(model_dir):
         chat.kill()
         os.close(leader)
     assert b"/reset clears the history" in seen and b"Assistant: " in seen
+
+
+@pytest.mark.parametrize("stdin", ["empty", "closed"])
+def test_chat_with_no_input_ends_cleanly_and_says_why(model_dir, stdin):
+    # `</dev/null` ran to exit 0 in silence; `<&-` (no stdin at all) was an AttributeError traceback.
+    command = [sys.executable, "hf_sft_eval.py", "chat", "--model", model_dir, "--threads", "1"]
+    if stdin == "empty":
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, cwd=REPO, env=ENV, capture_output=True,
+                                text=True, timeout=120)
+    else:
+        result = subprocess.run(["bash", "-c", 'exec "$@" <&-', "chat", *command], cwd=REPO, env=ENV,
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "no input on stdin (it is empty or closed): nothing to answer" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_batch_refuses_to_resume_with_other_generation_settings(full_run, model_dir, tmp_path, capsys):
+    # Before: a resume with another --max_new_tokens appended answers of other settings to the same file.
+    src, text = full_run
+    first_two = "".join(text.splitlines(keepends=True)[:2])
+    out = tmp_path / "answers.jsonl"
+    out.write_text(first_two, encoding="utf-8")
+    settings = tmp_path / "answers.jsonl.settings.json"
+    settings.write_text(json.dumps(batch_cli.batch_settings(
+        batch_cli.ModelChoice(model=model_dir), GenerationOptions(max_new_tokens=NEW))), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"--output {out} was made with other settings, so resuming would mix "
+                                         rf"answers: --max_new_tokens 4 \(the output was made with {NEW}\)\. Rerun "
+                                         rf"with the settings it was made with \(they are in {settings}\), or pass "
+                                         "a new --output"):
+        batch_main(["--model", model_dir, "--input", str(src), "--output", str(out), "--threads", "1",
+                    "--max_new_tokens", "4"])
+    with pytest.raises(ValueError, match=r"--do_sample true \(the output was made with false\); --seed 0 \(the "
+                                         r"output was made with \(not set\)\); --temperature 0\.7 .*--top_p 0\.9"):
+        _batch(model_dir, src, out, "--do_sample")
+    assert out.read_text(encoding="utf-8") == first_two  # nothing appended
+    # The same settings (another batch size, the model folder spelled differently) resume it.
+    assert batch_main(["--model", model_dir + "/", "--input", str(src), "--output", str(out), "--threads", "1",
+                       "--max_new_tokens", str(NEW), "--batch_size", "3"]) == 0
+    assert out.read_text(encoding="utf-8") == text
+    assert "3 answered, 2 skipped" in capsys.readouterr().out
+
+
+def test_a_new_batch_output_records_its_settings(full_run, model_dir, tmp_path):
+    src, _ = full_run
+    out = tmp_path / "sub" / "answers.jsonl"
+    assert _batch(model_dir, src, out, "--batch_size", 5) == 0
+    stored = json.loads((tmp_path / "sub" / "answers.jsonl.settings.json").read_text())
+    assert stored == {"model": os.path.realpath(model_dir), "base_model": None, "template": "auto",
+                      "system_prompt": None, "max_new_tokens": NEW, "do_sample": False}

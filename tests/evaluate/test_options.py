@@ -58,18 +58,26 @@ def test_a_gpu_run_is_readable_by_the_cpu_evaluator(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("max_length: [1, 2\n", "not valid YAML"),
+    ("max_length: [1, 2\n", "line 2, column 1: not valid YAML"),
+    ("model: tiny-qwen2\n\tmax_length: 48\n", "line 2, column 1: not valid YAML (found character '\\t'"),
     ("max_lenght: 48\n", "unknown key 'max_lenght' (did you mean max_length"),
     ("max_length: lots\n", "invalid int value: 'lots'"),
+    ("", "the file is empty"),
+    ("- model\n- tiny-qwen2\n", "expected a mapping of flag names to values, got a YAML list"),
+    # argparse would take a YAML mapping or list as the default of an int flag unchecked (the evaluator then ran)
+    ("model: tiny-qwen2\nmax_steps: {a: 1}\n", "line 2: max_steps: {'a': 1} is not a valid value for --max_steps"),
+    ("per_device_eval_batch_size: [1, 2]\n", "line 1: per_device_eval_batch_size: [1, 2] is not a valid value"),
+    (b"\xff\xfemodel: x\n", "not UTF-8 text (byte 0xff at offset 0)"),
 ])
 def test_a_malformed_run_config_is_one_clear_error_naming_the_file(tmp_path, capsys, text, message):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "sft_config.yaml").write_text(text)
+    path = run / "sft_config.yaml"
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     assert hf_sft_eval.main(["--run", str(run), "--threads", "1", "--nice", "0"]) == 2
     err = capsys.readouterr().err
-    assert f"hf_sft_eval.py: error: {run / 'sft_config.yaml'}: the run's resolved config" in err
-    assert message in err and "Traceback" not in err
+    assert f"hf_sft_eval.py: error: {path}: the run's resolved config" in err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("argv, message", [
