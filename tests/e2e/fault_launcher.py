@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback  # noqa: E402
 
+from hf_sft import leave  # noqa: E402
 from sft.cli import run_entry  # noqa: E402
 from sft.config import parse_config  # noqa: E402
 from sft.train.run import run_training  # noqa: E402
@@ -64,4 +65,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))  # as hf_sft.py: a launched rank exits without interpreter finalization

@@ -88,7 +88,9 @@ def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"counts": counts, "chunks": loss_hooks.chunks_run, "losses": losses,
                    "dtensors": sum(type(p).__name__ == "DTensor" for p in model.parameters())}, f)
+    dist.barrier()  # no rank tears its group down while the other still has work in flight (gloo aborts then)
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter finalization with the sharded model alive (gloo can abort there; see hf_sft.leave)
 
 
 def test_ranks_with_very_different_supervised_counts_issue_the_same_collectives(tmp_path):
@@ -152,7 +154,9 @@ def _zero3_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"counts": steps, "chunks": loss_hooks.chunks_run, "losses": losses, "partitioned": partitioned,
                    "parameters": len(list(model.parameters()))}, f)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    os._exit(0)  # see _sharded_worker
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
