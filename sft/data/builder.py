@@ -28,7 +28,7 @@ from sft.conversation import RecordError
 from sft.data.dedup import ExactDeduper, NearDeduper, pack_location, unpack_location
 from sft.data.formats import FORMATS, normalize_records
 from sft.data.progress import BuildProgress
-from sft.data.sources import is_line_based, iter_raw_records, looks_like_hub_id
+from sft.data.sources import SWALLOWED_REST, is_line_based, iter_raw_records, looks_like_hub_id
 from sft.data.split import interleave, make_splitter, mix_targets, shuffled_raw_records
 from sft.data.stats import StatsCollector
 from sft.data.steps import StepConfig, parallel_outcomes, record_outcome
@@ -485,6 +485,8 @@ class _Pipeline:
                 return
 
     def _reject(self, source: str, line: int, reason: str, detail: str, raw: Any) -> None:
+        if SWALLOWED_REST in detail:  # the records after it were never read: a short read is not a success
+            raise BuildError(f"{source}:{line}: {detail}")
         if self.opts.strict:
             raise StrictError(f"{source}:{line}: {reason}: {detail}")
         self.result.rejected += 1

@@ -480,12 +480,22 @@ def _array_element(elem: bytes, buf: bytes, start: int, lines: _LineCounter, sou
         return RawRecord(source, line, None, stripped, parse_error(stripped, e))
 
 
+# In a reject's detail: an element ran on to the closing ']' of a complete file, taking every later element with it
+# (a short read: the builder stops on it rather than report success; training counts it and goes on).
+SWALLOWED_REST = "swallowed the rest of the file"
+
+
 def _truncated(buf, start, lines, source, emitted, after_comma, oversized) -> RawRecord:
     elem = buf[start:]
     stripped = elem.lstrip()
     line = lines.at(buf, start + len(elem) - len(stripped))
     if oversized:
         why = f"an array element is over {MAX_ELEMENT_BYTES >> 20} MB (probably an unterminated string)"
+    elif (unread := _elements_after(stripped)) is not None:
+        why = (f"this element runs on to the file's closing ']': an unescaped quote or bracket in it {SWALLOWED_REST} "
+               f"({unread:,} later elements unread); fix this element (or export JSON lines, where one bad line "
+               "costs one record)")
+        return RawRecord(source, line, None, stripped[:4096], RecordError("invalid_json", why))
     elif stripped.strip():
         why = "the file ends inside this element: the JSON array is truncated"
         if _parses(stripped):
@@ -493,6 +503,21 @@ def _truncated(buf, start, lines, source, emitted, after_comma, oversized) -> Ra
     else:
         why = f"the file ends before the closing ']' (after {emitted} elements): it may be truncated"
     return RawRecord(source, line, None, stripped[:4096], RecordError("invalid_json", why + "; re-export the file"))
+
+
+def _elements_after(text: bytes, tries: int = 16) -> int | None:
+    """How many whole elements follow a broken one that ran on to the end of the file, or None if that cannot be
+    shown: the first `,` (before `{` or `[`) after which the rest parses as the tail of a JSON array. Failed tries
+    stop at their first error (a few bytes: the broken element's own inner separators), so this stays cheap."""
+    if not text.rstrip().endswith(b"]"):
+        return None
+    for match in itertools.islice(re.finditer(rb",\s*(?=[{\[])", text), tries):
+        try:
+            tail = orjson.loads(b"[" + text[match.end():])
+        except orjson.JSONDecodeError:
+            continue
+        return len(tail) if isinstance(tail, list) and tail else None
+    return None
 
 
 def _parses(text: bytes) -> bool:

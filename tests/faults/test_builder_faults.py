@@ -83,3 +83,23 @@ def test_item3_an_unescaped_quote_does_not_swallow_the_rest_of_a_json_array(tmp_
     assert f'a{bad} is 5" tall' in errors[0].raw
     result = build(BuildOptions(output=str(tmp_path / "out.jsonl"), inputs=[str(src)], workers=1))
     assert (result.read, result.written, result.rejected) == (10_000, 9_999, 1)
+
+
+@pytest.mark.parametrize("bad, unread", [(0, 999), (500, 499), (999, None)])
+def test_item3_a_minified_array_never_reports_a_short_read_as_success(tmp_path, bad, unread):
+    # One line, no element on a line of its own: nothing to resynchronise on, and the broken element runs on to
+    # the closing ']'. Before: read=bad+1, the rest silently gone, exit 0. Now: the build stops naming the line and
+    # how many elements were not read (or, for the last element, it is the one reject: nothing else was lost).
+    src, out = tmp_path / "min.json", tmp_path / "out.jsonl"
+    rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+            for i in range(1000)]
+    src.write_text(json.dumps(rows).replace(f'"a{bad}"', f'"a{bad} is 5" tall"', 1), encoding="utf-8")
+    if unread is None:
+        result = build(BuildOptions(output=str(out), inputs=[str(src)], workers=1))
+        assert (result.read, result.written, result.rejected) == (1000, 999, 1)
+        return
+    with pytest.raises(BuildError) as err:
+        build(BuildOptions(output=str(out), inputs=[str(src)], workers=1))
+    assert str(err.value).startswith(f"{src}:1: this element runs on to the file's closing ']'")
+    assert f"({unread:,} later elements unread)" in str(err.value) and "fix this element" in str(err.value)
+    assert not out.exists()  # nothing committed
