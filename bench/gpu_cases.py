@@ -228,8 +228,12 @@ def fused_loss_used(cuda: bool) -> str:
 
 HF_VARIANTS = {
     "hf_full": ["--finetuning_type", "full"],
+    # Token-budget batches as full as the bare loop's rows (8 x 2,048 padded tokens): the MFU at the bare
+    # loop's tokens per step, where hf_full's 8 samples carry ~5,300.
+    "hf_tokens": ["--finetuning_type", "full", "--batch_tokens", "BARE_TOKENS"],
     "hf_packing": ["--finetuning_type", "full", "--packing", "true"],
     "hf_lora": ["--finetuning_type", "lora", "--learning_rate", "2e-4"],
+    "hf_qlora": ["--finetuning_type", "qlora", "--learning_rate", "2e-4"],
     "hf_fsdp": ["--finetuning_type", "full"],
     "hf_zero3": ["--finetuning_type", "full"],
 }
@@ -256,7 +260,8 @@ def hf_sft_command(ctx: dict, name: str, output_dir: Path) -> list[str]:
             # The reader thread also on a CPU dry run (its default there is 0), so the dry run exercises it.
             "--prefetch_batches", "4",
             *(["--attn_implementation", packing_attention(not ctx["dry_run"])] if name == "hf_packing" else []),
-            *HF_VARIANTS[name]]
+            *[str(sizes["bare"]["rows"] * sizes["bare"]["length"]) if arg == "BARE_TOKENS" else arg
+              for arg in HF_VARIANTS[name]]]
 
 
 def summarize_train_log(path: Path, warmup_steps: int) -> dict:
@@ -308,6 +313,13 @@ def case_hf_sft(ctx: dict, name: str) -> dict:
             import deepspeed  # noqa: F401
         except ImportError:
             return {"status": "skipped", "note": "deepspeed not installed (carry its wheel: bench/gpu_wheels.txt)"}
+    if name == "hf_qlora":
+        import importlib.util
+
+        if ctx["dry_run"]:  # hf_sft.py refuses qlora without CUDA (tests/train cover that error)
+            return {"status": "skipped", "note": "QLoRA needs CUDA (bitsandbytes 4-bit weights): GPU run only"}
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return {"status": "skipped", "note": "bitsandbytes not installed (carry its wheel: bench/gpu_wheels.txt)"}
     sizes = ctx["sizes"]
     output_dir = Path(ctx["workdir"]) / "runs" / name
     command = hf_sft_command(ctx, name, output_dir)
@@ -340,7 +352,7 @@ def case_hf_sft(ctx: dict, name: str) -> dict:
         report = report.get("end", report) if isinstance(report, dict) else report
         result["engine"] = report
     params = ctx["results"]["setup"]["params"]
-    flops_per_token = (4 if name == "hf_lora" else 6) * params
+    flops_per_token = (4 if name in ("hf_lora", "hf_qlora") else 6) * params
     result["mfu"] = _mfu(ctx, flops_per_token, result["tokens_per_s"])
     cuda = not ctx["dry_run"]
     result["fused_loss"] = fused_loss_used(cuda)
@@ -415,14 +427,15 @@ def case_packed_vs_padded(ctx: dict) -> dict:
 
 
 def case_reload(ctx: dict) -> dict:
-    """Load hf_full's (and hf_lora's) checkpoint on the CPU the way the evaluator does; forward + generate."""
+    """Load hf_full's, hf_lora's and hf_qlora's checkpoints on the CPU the way the evaluator does (a QLoRA
+    adapter on the unquantized base); forward + generate."""
     import torch
 
     from sft.conversation import Conversation, Message
     from sft.evaluate.inference import GenerationOptions, generate_answers, load_for_inference, prompt_ids
 
     checked, notes = {}, []
-    for name in ("hf_full", "hf_lora"):
+    for name in ("hf_full", "hf_lora", "hf_qlora"):
         run = ctx["results"].get(name, {})
         if run.get("status") != "pass":
             checked[name] = "skipped: the run did not pass"
@@ -458,34 +471,62 @@ def _trl_records(path: str) -> list[dict]:
     return rows
 
 
-def case_trl(ctx: dict) -> dict:
-    """TRL's SFTTrainer with its defaults (gradient checkpointing on, loss on every token, padding to the
-    longest sample) on the same model, data, batch, max_length and learning-rate schedule; tokens/s
-    measured by the same callbacks hf_sft.py uses (train_log.jsonl)."""
+def trl_settings(ctx: dict, best: bool) -> dict:
+    """The SFTConfig fields and attention of a TRL case beyond the shared ones (model, data, batch, schedule).
+
+    trl: TRL's defaults (gradient checkpointing on, loss on every token, padding to the longest sample).
+    trl_best: its fastest setting that runs on this machine: padding-free (each batch of 8 samples flattened
+    into one row, the boundaries in position_ids; the same samples per step as ours, where TRL's packing
+    would change how many samples a step holds), Liger Kernel's layer kernels when liger-kernel imports on
+    CUDA (TRL 1.16 always computes the head + loss with its own chunked fused LM head), gradient
+    checkpointing off, and the attention hf_packing uses (flex attention without flash-attn).
+    TRL refuses max_length with padding-free and no packing, so trl_best gets max_length=None: the <1% of
+    samples over 2,048 tokens run untruncated there (a few more tokens per step than ours).
+    """
+    import importlib.util
+
+    cuda = not ctx["dry_run"]
+    if not best:
+        return {"config": {"max_length": ctx["sizes"]["max_length"]}, "attn_implementation": "sdpa"}
+    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    return {"config": {"max_length": None, "padding_free": True, "gradient_checkpointing": False,
+                       "use_liger_kernel": liger},
+            "attn_implementation": packing_attention(cuda)}
+
+
+def case_trl(ctx: dict, best: bool = False) -> dict:
+    """TRL's SFTTrainer on the same model, data, batch and learning-rate schedule (settings: trl_settings);
+    tokens/s measured by the same callbacks hf_sft.py uses (train_log.jsonl)."""
     try:
         import datasets
         import trl
     except ImportError as err:
         return {"status": "skipped", "note": f"trl/datasets not installed ({err.name})"}
+    import warnings
+
     from trl import SFTConfig, SFTTrainer
 
     from sft.models import load_model, load_tokenizer
     from sft.train.callbacks import JsonlLogCallback
     from sft.train.collator import BatchStats, ThroughputCallback
 
+    name = "trl_best" if best else "trl"
     sizes, setup = ctx["sizes"], ctx["results"]["setup"]
-    output_dir = Path(ctx["workdir"]) / "runs" / "trl"
+    settings = trl_settings(ctx, best)
+    output_dir = Path(ctx["workdir"]) / "runs" / name
     started = time.time()
     tokenizer = load_tokenizer("qwen2.5")
-    model = load_model(setup["model_dir"], dtype="float32")
+    model = load_model(setup["model_dir"], dtype="float32", attn_implementation=settings["attn_implementation"])
     dataset = datasets.Dataset.from_list(_trl_records(setup["data"]))
     bf16 = sizes["precision"] == "bf16"
-    config = SFTConfig(output_dir=str(output_dir), max_length=sizes["max_length"],
-                       per_device_train_batch_size=sizes["batch_size"], gradient_accumulation_steps=1,
-                       max_steps=sizes["max_steps"], learning_rate=1e-4, lr_scheduler_type="cosine",
-                       warmup_steps=0.05, logging_steps=1, save_strategy="no", report_to="none", seed=42,
-                       bf16=bf16, fp16=False, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    config = SFTConfig(output_dir=str(output_dir), per_device_train_batch_size=sizes["batch_size"],
+                       gradient_accumulation_steps=1, max_steps=sizes["max_steps"], learning_rate=1e-4,
+                       lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=1, save_strategy="no",
+                       report_to="none", seed=42, bf16=bf16, fp16=False, disable_tqdm=True,
+                       dataloader_num_workers=0, **settings["config"])
+    with warnings.catch_warnings():  # use_liger_kernel's deprecation notice (TRL 1.16) is not news here
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     stats = BatchStats()
     collate = trainer.data_collator
 
@@ -499,18 +540,21 @@ def case_trl(ctx: dict) -> dict:
     trainer.add_callback(JsonlLogCallback(output_dir))
     trainer.train()
     log_path = output_dir / "train_log.jsonl"
-    (Path(ctx["log_dir"]) / "trl.train_log.jsonl").write_bytes(log_path.read_bytes())
+    (Path(ctx["log_dir"]) / f"{name}.train_log.jsonl").write_bytes(log_path.read_bytes())
     result = summarize_train_log(log_path, sizes["warmup_steps"])
     result.update(wall_s=round(time.time() - started, 1), trl=trl.__version__, datasets=datasets.__version__,
                   gradient_checkpointing=config.gradient_checkpointing, padding_free=config.padding_free,
-                  assistant_only_loss=config.assistant_only_loss,
+                  use_liger_kernel=config.use_liger_kernel, attn_implementation=settings["attn_implementation"],
+                  max_length=config.max_length, assistant_only_loss=config.assistant_only_loss,
                   mfu=_mfu(ctx, 6 * setup["params"], result["tokens_per_s"]))
     if result["first_log_time"]:
         result["start_to_first_step_s"] = round(result["first_log_time"] - started, 1)
     failed = [c for c, ok in (("loss finite", result["loss_finite"]), ("loss falling", result["loss_falling"])) if not ok]
     result["status"] = "fail" if failed else "pass"
     result["note"] = ("FAILED: " + ", ".join(failed)) if failed else (
-        f"trl {trl.__version__}, gradient_checkpointing={config.gradient_checkpointing}, loss on all tokens")
+        f"trl {trl.__version__}, gradient_checkpointing={config.gradient_checkpointing}, "
+        f"padding_free={config.padding_free}, liger={config.use_liger_kernel}, {settings['attn_implementation']}, "
+        "loss on all tokens")
     return result
 
 
@@ -520,11 +564,14 @@ CASES = {
     "setup": case_setup,
     "bare": case_bare,
     "hf_full": lambda ctx: case_hf_sft(ctx, "hf_full"),
+    "hf_tokens": lambda ctx: case_hf_sft(ctx, "hf_tokens"),
     "hf_packing": lambda ctx: case_hf_sft(ctx, "hf_packing"),
     "hf_lora": lambda ctx: case_hf_sft(ctx, "hf_lora"),
+    "hf_qlora": lambda ctx: case_hf_sft(ctx, "hf_qlora"),
     "hf_fsdp": lambda ctx: case_hf_sft(ctx, "hf_fsdp"),
     "hf_zero3": lambda ctx: case_hf_sft(ctx, "hf_zero3"),
     "packed_vs_padded": case_packed_vs_padded,
     "reload": case_reload,
     "trl": case_trl,
+    "trl_best": lambda ctx: case_trl(ctx, best=True),
 }
