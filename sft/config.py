@@ -333,8 +333,53 @@ def _training_groups() -> tuple[type, ...]:
 
 
 def valid_keys() -> set[str]:
-    """Every training flag / YAML key."""
-    return _field_names(_training_groups())
+    """Every training flag / YAML key (the new names of renamed TrainingArguments fields included)."""
+    return _field_names(_training_groups()) | set(_training_renames())
+
+
+# transformers renamed TrainingArguments.gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs):
+# 5.24 has both (the old names as deprecated aliases), 5.17 - the GPU image's, the lowest requirements.txt
+# allows - only the old ones. Our configs and docs use the new names; where the installed transformers lacks
+# them, a YAML key or flag with the new name is read as the old one.
+RENAMED_TRAINING_FIELDS = {"activation_checkpointing": "gradient_checkpointing",
+                           "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+
+
+def _training_renames() -> dict[str, str]:
+    """{new name: old name} for the renamed fields this transformers only knows by their old name."""
+    names = _training_field_names()
+    return {new: old for new, old in RENAMED_TRAINING_FIELDS.items() if new not in names and old in names}
+
+
+def _compat_training_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A YAML mapping with the new names read as the old ones; where both are given (a run's sft_config.yaml
+    written under a newer transformers holds both, equal), the new name's value wins, as it does there."""
+    renames = _training_renames()
+    out = {k: v for k, v in values.items() if k not in renames}
+    for new, old in renames.items():
+        if values.get(new) is not None:
+            out[old] = values[new]
+    return out
+
+
+def _compat_training_argv(argv: list[str]) -> list[str]:
+    """Flags with the new names (`--activation_checkpointing true`, `--activation_checkpointing=true`) given
+    as the old ones."""
+    renames = _training_renames()
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag[2:] in renames:
+            arg = f"--{renames[flag[2:]]}{eq}{value}"
+        out.append(arg)
+    return out
+
+
+def training_arg(args: Any, name: str, default: Any = None) -> Any:
+    """A TrainingArguments value by its new name, on any supported transformers (see RENAMED_TRAINING_FIELDS)."""
+    if hasattr(args, name):
+        return getattr(args, name)
+    return getattr(args, RENAMED_TRAINING_FIELDS.get(name, name), default)
 
 
 # ------------------------------------------------------------------------------------- parsing
@@ -545,10 +590,11 @@ def parse_config(argv: list[str] | None = None, check_machine: bool = True,
     config_file, rest = _split_config_flag(argv)
     defaults = dict(PROJECT_TRAINING_DEFAULTS)
     if config_file:
-        defaults.update(load_yaml_config(config_file))
+        defaults.update(_compat_training_values(load_yaml_config(config_file)))
     defaults.update(overrides or {})
     model, data, method, training = parse_args(
-        _training_groups(), rest, prog="hf_sft.py", description="Fine-tune a causal LM on chat data.",
+        _training_groups(), _compat_training_argv(rest), prog="hf_sft.py",
+        description="Fine-tune a causal LM on chat data.",
         defaults=defaults, check_machine=check_machine, cross_checks=_training_cross_checks)
     return SFTConfig(model=model, data=data, method=method, training=training, config_file=config_file)
 

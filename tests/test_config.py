@@ -135,3 +135,58 @@ def test_prefetch_batches_must_not_be_negative():
     with pytest.raises(ConfigError, match=r"--prefetch_batches -1: must be >= 0 \(0: read in the training loop\)"):
         parse_config(["--model", "tiny-qwen2", "--prefetch_batches", "-1"])
     assert parse_config(["--model", "tiny-qwen2"]).data.prefetch_batches is None  # the default follows the device
+
+
+# ---------------------------------------------------------------- transformers 5.17 (the lowest supported)
+
+
+@pytest.fixture
+def transformers_517_names(monkeypatch):
+    """TrainingArguments as transformers 5.17 has it: gradient_checkpointing(_kwargs) only, no
+    activation_checkpointing(_kwargs) (the names are all that differ between 5.17 and 5.24)."""
+    import sft.config as config_module
+
+    names = config_module._training_field_names() - {"activation_checkpointing", "activation_checkpointing_kwargs"}
+    monkeypatch.setattr(config_module, "_training_field_names", lambda: names)
+
+
+def test_new_checkpointing_names_read_as_the_old_ones_on_transformers_517(transformers_517_names):
+    from sft.config import _compat_training_argv, _compat_training_values, valid_keys
+
+    assert {"activation_checkpointing", "activation_checkpointing_kwargs"} <= valid_keys()  # a preset's key is known
+    assert _compat_training_argv(["--activation_checkpointing", "true", "--activation_checkpointing_kwargs={}",
+                                  "--max_steps", "3"]) == [
+        "--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs={}", "--max_steps", "3"]
+    assert _compat_training_values({"activation_checkpointing": True, "bf16": True}) == {
+        "gradient_checkpointing": True, "bf16": True}
+    # A run's sft_config.yaml written under 5.24 holds both names: the new one wins, as it does there.
+    assert _compat_training_values({"gradient_checkpointing": False, "activation_checkpointing": True,
+                                    "activation_checkpointing_kwargs": None}) == {"gradient_checkpointing": True}
+
+
+def _has_new_names() -> bool:
+    from sft.config import _training_field_names
+
+    return "activation_checkpointing" in _training_field_names()
+
+
+@pytest.mark.skipif(not _has_new_names(), reason="this transformers has only gradient_checkpointing (5.17)")
+def test_checkpointing_names_pass_through_where_transformers_has_both():
+    from sft.config import _compat_training_argv, _compat_training_values
+
+    argv = ["--activation_checkpointing", "true", "--gradient_checkpointing=false"]
+    assert _compat_training_argv(argv) == argv
+    assert _compat_training_values({"activation_checkpointing": True}) == {"activation_checkpointing": True}
+    config = parse_config(["--activation_checkpointing", "true"], check_machine=False)
+    assert config.training.activation_checkpointing is True and config.training.gradient_checkpointing is True
+
+
+def test_training_arg_reads_the_new_name_on_old_and_new_arguments():
+    from types import SimpleNamespace
+
+    from sft.config import training_arg
+
+    assert training_arg(SimpleNamespace(gradient_checkpointing=True), "activation_checkpointing") is True  # 5.17
+    assert training_arg(SimpleNamespace(activation_checkpointing=False, gradient_checkpointing=True),
+                        "activation_checkpointing") is False  # 5.24: the new name is the truth
+    assert training_arg(SimpleNamespace(), "max_steps", 7) == 7

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.config import load_yaml_config, parse_config
+from sft.config import load_yaml_config, parse_config, training_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -91,7 +91,7 @@ def test_gpu_preset_values(name, model, method, lr, batch, accumulation):
     assert config.training.learning_rate == lr
     assert config.training.per_device_train_batch_size == batch
     assert config.training.gradient_accumulation_steps == accumulation
-    assert config.training.activation_checkpointing is True
+    assert training_arg(config.training, "activation_checkpointing") is True
     assert config.training.max_steps == -1  # epochs, not the project's 60-step default
     assert config.training.num_train_epochs == 3
     assert config.data.max_length == 2048

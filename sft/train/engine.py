@@ -26,6 +26,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sft.config import training_arg
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,7 +80,7 @@ def apply_requested_engine(trainer) -> str:
         AcceleratorState._shared_state.update(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin)
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         trainer.is_fsdp_enabled = True
-        if plugin.activation_checkpointing and trainer.args.activation_checkpointing:
+        if plugin.activation_checkpointing and training_arg(trainer.args, "activation_checkpointing"):
             raise ValueError("FSDP's activation checkpointing (fsdp_activation_checkpointing) and "
                              "--activation_checkpointing are both on: turn one off (--activation_checkpointing false)")
         if trainer.args.process_index == 0:
