@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sft.config import parse_args
 from sft.conversation import PLAIN_TEXT, Conversation
 from sft.evaluate.chat import OUTPUT_KEYS, PROMPT_KEYS
+from sft.evaluate.cli import configure_model_command
 from sft.evaluate.inference import (
     Generated,
     GenerationOptions,
@@ -124,13 +123,16 @@ def _clip(text: str, width: int = 60) -> str:
 SETTINGS_SUFFIX = ".settings.json"
 
 
-def batch_settings(args: ModelChoice, options: GenerationOptions) -> dict[str, Any]:
-    """What the answers depend on, as flags: a resume must use the same (batch_size only regroups prompts)."""
+def batch_settings(args: ModelChoice, options: GenerationOptions, dtype: str = "float32") -> dict[str, Any]:
+    """What the answers depend on, as flags: a resume must use the same (batch_size only regroups prompts).
+
+    dtype: the resolved --eval_dtype (what `auto` became on this machine), not the flag as given.
+    """
     def where(name: str | None) -> str | None:  # one model, however its folder is spelled
         return os.path.realpath(name) if name and os.path.exists(name) else name
 
     settings: dict[str, Any] = {"model": where(args.model), "base_model": where(args.base_model),
-                                "template": args.template,
+                                "eval_dtype": dtype, "template": args.template,
                                 "system_prompt": args.system_prompt, "max_new_tokens": options.max_new_tokens,
                                 "do_sample": options.do_sample}
     if options.do_sample:  # greedy answers do not depend on these
@@ -150,6 +152,8 @@ def check_settings(output: str, settings: dict[str, Any]) -> None:
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: not readable ({err}); it records the settings of {output}. Delete both "
                              "files to start afresh, or pass another --output") from None
+        if isinstance(stored, dict):
+            stored.setdefault("eval_dtype", "float32")  # recorded before --eval_dtype: every model loaded in fp32
         changed = [f"--{key} {_flag_value(settings.get(key))} (the output was made with "
                    f"{_flag_value(stored.get(key))})" for key in sorted(set(stored) | set(settings))
                    if stored.get(key) != settings.get(key)]
@@ -218,14 +222,13 @@ def batch_main(argv: list[str]) -> int:
     """Answer every prompt of --input into --output (JSONL, input order, resumable)."""
     args, files, options = parse_args((ModelChoice, BatchFiles, GenerationOptions), argv, prog="hf_sft_eval.py batch",
                                       description="Answer a JSONL file of prompts (resumable).")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    dtype = configure_model_command("batch", args)
     items = read_batch_input(files.input)
-    check_settings(files.output, batch_settings(args, options))
+    check_settings(files.output, batch_settings(args, options, dtype))
     start = finished_prefix(files.output, items)
     stats = BatchStats(skipped=start)
     if start < len(items):
-        model, tokenizer = load_for_inference(args.model, base_model=args.base_model)
+        model, tokenizer = load_for_inference(args.model, base_model=args.base_model, dtype=dtype)
         stats = run_batch(model, tokenizer, items, files.output, options, args.template, args.system_prompt, start)
     speed = f"{stats.tokens / stats.seconds:.1f} tokens/s" if stats.seconds else "no generation"
     print(f"batch: {stats.answered} answered, {stats.skipped} skipped as already done, {stats.tokens} tokens "

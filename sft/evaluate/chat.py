@@ -14,6 +14,7 @@ import torch
 
 from sft.config import parse_args
 from sft.conversation import Conversation, Message
+from sft.evaluate.cli import configure_model_command
 from sft.evaluate.inference import (
     Generated,
     GenerationOptions,
@@ -164,9 +165,8 @@ def chat_main(argv: list[str]) -> int:
     if sys.stdin is None or sys.stdin.closed:  # `<&-`: nothing can ever be read; say so before loading a model
         print(NO_INPUT, file=sys.stderr, flush=True)
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(args.model, base_model=args.base_model)
+    dtype = configure_model_command("chat", args)
+    model, tokenizer = load_for_inference(args.model, base_model=args.base_model, dtype=dtype)
     session = ChatSession(tokenizer, args.template, args.system_prompt, _max_positions(model, tokenizer),
                           options.max_new_tokens)
     chat_prompt(session, "hi")  # a template that cannot render this model's chats fails now, not mid-chat

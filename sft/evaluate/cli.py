@@ -1,14 +1,18 @@
-"""`hf_sft_eval.py --run RUN [--watch]`: flags -> EvalSetup -> evaluate_run -> report and plots; `--merge`."""
+"""`hf_sft_eval.py --run RUN [--watch]`: flags -> EvalSetup -> evaluate_run -> report and plots; `--merge`.
+
+Also the CPU setup every subcommand shares: usable CPUs, torch threads, and (chat, batch, serve) the weights dtype.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from sft.config import parse_args
-from sft.evaluate.options import EvalArguments, GenerationOptions
+from sft.evaluate.options import EvalArguments, GenerationOptions, ModelChoice
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +112,22 @@ def configure_cpu(threads: int | None, nice: int, training_running: bool = True)
     threads = threads or (max(1, cores // 2) if training_running else cores)
     torch.set_num_threads(threads)
     return threads
+
+
+def configure_model_command(command: str, args: ModelChoice, device: str = "cpu") -> str:
+    """chat, batch and serve: set torch's threads and resolve --eval_dtype, say both in one stderr line, and return
+    the dtype to load the model in.
+
+    Threads: --threads, else every CPU this process may use: unlike the evaluator, these commands do not run
+    beside a training run by default, so they take the whole machine (the user can pass --threads to share).
+    """
+    from sft.evaluate.inference import resolve_device_dtype
+
+    threads = configure_cpu(args.threads, nice=0, training_running=False)
+    dtype, reason = resolve_device_dtype(args.eval_dtype, device)
+    print(f"hf_sft_eval.py {command}: {args.model} in {dtype} ({reason}) on {device}, {threads} CPU thread(s)",
+          file=sys.stderr, flush=True)
+    return dtype
 
 
 def eval_main(argv: list[str]) -> int:

@@ -120,12 +120,12 @@ def load_inference_tokenizer(path: str, base_model: str | None = None):
     return load_tokenizer(adapter_base(path, base_model) if is_adapter_dir(path) else path)
 
 
-# ------------------------------------------------------------------------------------ CPU dtype
+# -------------------------------------------------------------------------------- weights dtype
 
-EVAL_DTYPES = ("auto", "float32", "bfloat16")
+CPUINFO = "/proc/cpuinfo"  # read at call time: tests point it at a fake file
 
 
-def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+def cpu_bf16_feature(cpuinfo: str | None = None) -> str | None:
     """The CPU feature that runs bf16 matmuls natively (AMX, AVX512_BF16, ARM BF16), or None.
 
     Without one torch emulates bf16 through fp32 conversions, which is slower than fp32 itself. torch's own
@@ -136,7 +136,7 @@ def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     if "AMX" in capability or "BF16" in capability:
         return capability
     try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+        text = Path(cpuinfo or CPUINFO).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     flags = {word for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
@@ -147,14 +147,33 @@ def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     return None
 
 
-def resolve_eval_dtype(choice: str, cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
-    """(dtype to load in, why) for --eval_dtype auto|float32|bfloat16."""
+def resolve_eval_dtype(choice: str, cpuinfo: str | None = None) -> tuple[str, str]:
+    """(dtype to load in, why) for --eval_dtype auto|float32|bfloat16 on the CPU."""
     if choice != "auto":
         return choice, "--eval_dtype"
     feature = cpu_bf16_feature(cpuinfo)
     if feature:
         return "bfloat16", f"auto: the CPU has native bf16 ({feature})"
     return "float32", "auto: the CPU has no native bf16 (it would be emulated, slower than fp32)"
+
+
+def resolve_device_dtype(choice: str, device: str = "cpu") -> tuple[str, str]:
+    """(dtype to load in, why) for --eval_dtype on `device`: the CPU as resolve_eval_dtype says; on a GPU, auto
+    is bfloat16 where it is native (Ampere and later), else float16 (pre-Ampere GPUs run fp16 at full speed,
+    fp32 at a fraction of it and with twice the memory)."""
+    if not device.startswith("cuda"):
+        return resolve_eval_dtype(choice)
+    if choice != "auto":
+        return choice, "--eval_dtype"
+    index = torch.device(device).index
+    if index is None:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        with torch.cuda.device(index):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+    if native:
+        return "bfloat16", "auto: the GPU has native bf16"
+    return "float16", "auto: the GPU has no native bf16"
 
 
 # ------------------------------------------------------------------------------------- prompts

@@ -54,6 +54,23 @@ def _threads_problems(threads: int | None) -> list[str]:
     return [f"--threads {threads}: must be at least 1"] if threads is not None and threads < 1 else []
 
 
+EVAL_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def eval_dtype_field():
+    """--eval_dtype, declared once for the evaluator, chat, batch and serve."""
+    return field(default="auto", metadata=_help(
+        "Weights dtype: auto (bfloat16 where the CPU has native bf16: AMX or AVX512_BF16, else float32; serve "
+        "--device cuda: bfloat16 where the GPU has it natively, else float16), float32 or bfloat16. The report "
+        "(evaluator) or the startup line (chat, batch, serve) says which and why."))
+
+
+def _eval_dtype_problems(eval_dtype: str) -> list[str]:
+    if eval_dtype not in EVAL_DTYPES:
+        return [f"--eval_dtype {eval_dtype!r}: expected auto, float32 or bfloat16"]
+    return []
+
+
 @dataclass
 class EvalArguments:
     """The evaluator's own flags; everything else comes from the run's resolved config (RUN/sft_config.yaml)."""
@@ -79,9 +96,7 @@ class EvalArguments:
         "General-ability prompts for the forgetting check (default: the run's --general_eval)."))
     base_model: str | None = field(default=None, metadata=_help("Base model (default: the run's --model)."))
     no_base: bool = field(default=False, metadata=_help("Do not evaluate the base model as step 0."))
-    eval_dtype: str = field(default="auto", metadata=_help(
-        "Weights dtype on the CPU: auto (bfloat16 where the CPU has native bf16: AMX or AVX512_BF16, else "
-        "float32), float32 or bfloat16. The report says which."))
+    eval_dtype: str = eval_dtype_field()
     generate_every: int = field(default=1, metadata=_help(
         "Generate (prompts, general set) on every k-th checkpoint only (by step / --save_steps); the validation "
         "loss runs on every one, and the base and final models always generate. For large models on a CPU."))
@@ -106,8 +121,7 @@ class EvalArguments:
         out += [f"--{name} {getattr(self, name)}: must be at least 1" for name in ("num_val", "num_prompts",
                                                                                   "eval_batch_size", "generate_every")
                 if getattr(self, name) is not None and getattr(self, name) < 1]
-        if self.eval_dtype not in ("auto", "float32", "bfloat16"):
-            out.append(f"--eval_dtype {self.eval_dtype!r}: expected auto, float32 or bfloat16")
+        out += _eval_dtype_problems(self.eval_dtype)
         if self.poll_seconds <= 0:
             out.append(f"--poll_seconds {self.poll_seconds}: must be > 0")
         if (self.merge_from or self.merge_output or self.overwrite) and not self.merge:
@@ -117,7 +131,7 @@ class EvalArguments:
 
 @dataclass
 class ModelChoice:
-    """Which model chat and batch talk to, and how prompts are rendered for it."""
+    """Which model chat, batch and serve talk to, how it is loaded, and how prompts are rendered for it."""
 
     model: str = field(metadata=_help("Model folder, built-in name, hub id or adapter folder."))
     base_model: str | None = field(default=None, metadata=_help(
@@ -125,10 +139,13 @@ class ModelChoice:
     template: str = field(default="auto", metadata=_help(f"Chat template, as in training: {'|'.join(TEMPLATES)}."))
     system_prompt: str | None = field(default=None, metadata=_help(
         "System prompt text or a preset name (qwen, firefly) (default: the template's)."))
-    threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)."))
+    threads: int | None = field(default=None, metadata=_help(
+        "CPU threads for torch (default: the CPUs this process may use (affinity and cgroup quota))."))
+    eval_dtype: str = eval_dtype_field()
 
     def problems(self) -> list[str]:
-        return _template_problems(self.template) + _threads_problems(self.threads)
+        return (_template_problems(self.template) + _threads_problems(self.threads)
+                + _eval_dtype_problems(self.eval_dtype))
 
 
 @dataclass

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sft.config import parse_args
 from sft.evaluate import openai_api as api
+from sft.evaluate.cli import configure_model_command
 from sft.evaluate.generation_worker import Finished, GenerationWorker, Job
 from sft.evaluate.inference import load_for_inference, prompt_ids
 from sft.evaluate.options import ModelChoice, ServeOptions
@@ -370,7 +371,6 @@ def _use_gpu(device: str) -> None:
 
 def serve_main(argv: list[str]) -> int:
     """Load the model once and serve it until SIGTERM/Ctrl-C."""
-    import torch
     import uvicorn
 
     args, options = parse_args(
@@ -379,9 +379,8 @@ def serve_main(argv: list[str]) -> int:
     options.api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
     if options.device.startswith("cuda"):
         _use_gpu(options.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(args.model, base_model=args.base_model, device=options.device)
+    dtype = configure_model_command("serve", args, options.device)
+    model, tokenizer = load_for_inference(args.model, base_model=args.base_model, dtype=dtype, device=options.device)
     served = ServedModel(options.served_name or args.model, model, tokenizer, args.template, args.system_prompt,
                          options.default_max_tokens, _context_limit(model, tokenizer, options.max_context))
     prompt_ids(api.chat_conversation(api.ChatRequest(model="x", messages=[{"role": "user", "content": "hi"}]), 1),

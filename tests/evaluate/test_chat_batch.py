@@ -73,8 +73,9 @@ def _write_jsonl(path: Path, records: list) -> Path:
 
 
 def _batch(model_dir, src: Path, out: Path, *extra) -> int:
+    # float32 as `loaded`: auto would be bf16 on a CPU with native bf16, and its answers could differ
     return batch_main(["--model", model_dir, "--input", str(src), "--output", str(out), "--threads", "1",
-                       "--max_new_tokens", str(NEW), *map(str, extra)])
+                       "--max_new_tokens", str(NEW), "--eval_dtype", "float32", *map(str, extra)])
 
 
 @pytest.fixture(scope="module")
@@ -241,13 +242,15 @@ def test_chat_streams_the_greedy_answer(loaded, qwen_tokenizer):
 
 def test_chat_through_a_pipe(model_dir, loaded):
     result = subprocess.run([sys.executable, "hf_sft_eval.py", "chat", "--model", model_dir, "--max_new_tokens",
-                             str(NEW), "--threads", "1"], input="hello\n/reset\nhi again\n/exit\n", cwd=REPO,
+                             str(NEW), "--threads", "1", "--eval_dtype", "float32"],
+                            input="hello\n/reset\nhi again\n/exit\n", cwd=REPO,
                             env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     first, second = (a.text for a in _direct_answers(loaded, [{"prompt": "hello"}, {"prompt": "hi again"}], 1))
     assert first in result.stdout and second in result.stdout.split(first, 1)[1]
     assert result.stdout.split() == (first + "\n" + second).split()  # scripted: the answers and nothing else
     assert "(history cleared)" in result.stderr
+    assert f"hf_sft_eval.py chat: {model_dir} in float32 (--eval_dtype) on cpu, 1 CPU thread(s)" in result.stderr
 
 
 def test_chat_on_a_terminal_prompts_for_input(model_dir):
@@ -315,14 +318,14 @@ def test_batch_refuses_to_resume_with_other_generation_settings(full_run, model_
                                          rf"with the settings it was made with \(they are in {settings}\), or pass "
                                          "a new --output"):
         batch_main(["--model", model_dir, "--input", str(src), "--output", str(out), "--threads", "1",
-                    "--max_new_tokens", "4"])
+                    "--max_new_tokens", "4", "--eval_dtype", "float32"])
     with pytest.raises(ValueError, match=r"--do_sample true \(the output was made with false\); --seed 0 \(the "
                                          r"output was made with \(not set\)\); --temperature 0\.7 .*--top_p 0\.9"):
         _batch(model_dir, src, out, "--do_sample")
     assert out.read_text(encoding="utf-8") == first_two  # nothing appended
     # The same settings (another batch size, the model folder spelled differently) resume it.
     assert batch_main(["--model", model_dir + "/", "--input", str(src), "--output", str(out), "--threads", "1",
-                       "--max_new_tokens", str(NEW), "--batch_size", "3"]) == 0
+                       "--max_new_tokens", str(NEW), "--batch_size", "3", "--eval_dtype", "float32"]) == 0
     assert out.read_text(encoding="utf-8") == text
     assert "3 answered, 2 skipped" in capsys.readouterr().out
 
@@ -332,5 +335,128 @@ def test_a_new_batch_output_records_its_settings(full_run, model_dir, tmp_path):
     out = tmp_path / "sub" / "answers.jsonl"
     assert _batch(model_dir, src, out, "--batch_size", 5) == 0
     stored = json.loads((tmp_path / "sub" / "answers.jsonl.settings.json").read_text())
-    assert stored == {"model": os.path.realpath(model_dir), "base_model": None, "template": "auto",
+    assert stored == {"model": os.path.realpath(model_dir), "base_model": None, "eval_dtype": "float32",
+                      "template": "auto",
                       "system_prompt": None, "max_new_tokens": NEW, "do_sample": False}
+
+
+# ----------------------------------------------------------------------------- dtype and threads
+# Before: chat and batch loaded every model in fp32 and left torch's default thread count.
+
+
+class _Loaded(Exception):
+    """Raised by a fake load_for_inference: the command got as far as loading, with these arguments."""
+
+
+def _stop_at_load(monkeypatch, module) -> dict:
+    """Make `module`'s load_for_inference record its arguments and stop the command there."""
+    seen: dict = {}
+
+    def fake(path, **kwargs):
+        seen.update(path=path, **kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr(module, "load_for_inference", fake)
+    return seen
+
+
+def _record_threads(monkeypatch, cpus: int) -> list[int]:
+    """available_cpus() says `cpus`; return the list of values torch.set_num_threads gets (and is not applied)."""
+    from sft.evaluate import cli
+
+    monkeypatch.setattr(cli, "available_cpus", lambda: cpus)
+    threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    return threads
+
+
+def _run_to_load(command: str, monkeypatch, tmp_path, *flags) -> dict:
+    """Run chat or batch until it loads its model; return what load_for_inference was given."""
+    if command == "chat":
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # readable: chat goes on to load the model
+        seen = _stop_at_load(monkeypatch, chat_cli)
+        with pytest.raises(_Loaded):
+            chat_cli.chat_main(["--model", "some-model", *flags])
+    else:
+        src = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+        seen = _stop_at_load(monkeypatch, batch_cli)
+        with pytest.raises(_Loaded):
+            batch_main(["--model", "some-model", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), *flags])
+    return seen
+
+
+@pytest.mark.parametrize("command", ["chat", "batch"])
+def test_the_model_is_loaded_in_the_eval_dtype_asked_for(command, monkeypatch, tmp_path, capsys):
+    _record_threads(monkeypatch, 1)
+    seen = _run_to_load(command, monkeypatch, tmp_path, "--eval_dtype", "bfloat16")
+    assert seen["path"] == "some-model" and seen["dtype"] == "bfloat16"
+    assert (f"hf_sft_eval.py {command}: some-model in bfloat16 (--eval_dtype) on cpu, 1 CPU thread(s)"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["chat", "batch"])
+@pytest.mark.parametrize("flags, dtype, reason", [
+    ("fpu sse2 avx2 avx512f avx512_bf16", "bfloat16", "auto: the CPU has native bf16 (AVX512_BF16)"),
+    ("fpu sse2 avx2 avx512f", "float32", "auto: the CPU has no native bf16 (it would be emulated, slower than fp32)"),
+])
+def test_auto_eval_dtype_follows_the_cpu_flags(command, flags, dtype, reason, monkeypatch, tmp_path, capsys):
+    from sft.evaluate import inference
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # says nothing about bf16
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(inference, "CPUINFO", str(cpuinfo))
+    _record_threads(monkeypatch, 1)
+    assert _run_to_load(command, monkeypatch, tmp_path)["dtype"] == dtype  # no --eval_dtype: auto
+    assert f"some-model in {dtype} ({reason})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["chat", "batch"])
+def test_threads_default_to_the_usable_cpus(command, monkeypatch, tmp_path):
+    threads = _record_threads(monkeypatch, 3)
+    _run_to_load(command, monkeypatch, tmp_path, "--eval_dtype", "float32")
+    assert threads == [3]  # available_cpus(), not torch's default
+    threads.clear()
+    _run_to_load(command, monkeypatch, tmp_path, "--eval_dtype", "float32", "--threads", "2")
+    assert threads == [2]
+
+
+@pytest.mark.parametrize("command", ["chat", "batch"])
+def test_a_bad_eval_dtype_is_a_clear_error(command, tmp_path, capsys, monkeypatch):
+    import hf_sft_eval
+
+    monkeypatch.setattr(hf_sft_eval, "hide_gpus", lambda: None)  # leave this process's CUDA variables alone
+    flags = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl")] if command == "batch" else []
+    assert hf_sft_eval.main([command, "--model", "unused", *flags, "--eval_dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "hf_sft_eval.py: error: invalid configuration: --eval_dtype 'fp16': expected auto, float32 or bfloat16" in err
+    assert "Traceback" not in err
+
+
+def test_batch_answers_with_a_bf16_model_and_records_the_dtype(model_dir, tmp_path, monkeypatch, capsys):
+    dtypes: list[torch.dtype] = []
+
+    def spy(*args, **kwargs):
+        model, tokenizer = load_for_inference(*args, **kwargs)
+        dtypes.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(batch_cli, "load_for_inference", spy)
+    src, out = _write_jsonl(tmp_path / "in.jsonl", PROMPTS[:2]), tmp_path / "answers.jsonl"
+    assert _batch(model_dir, src, out, "--eval_dtype", "bfloat16") == 0  # the last --eval_dtype wins
+    assert dtypes == [torch.bfloat16]
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    settings = tmp_path / "answers.jsonl.settings.json"
+    assert json.loads(settings.read_text())["eval_dtype"] == "bfloat16"
+    assert "in bfloat16 (--eval_dtype)" in capsys.readouterr().err
+    out.write_text(out.read_text(encoding="utf-8").splitlines(keepends=True)[0], encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--eval_dtype \"float32\" \(the output was made with \"bfloat16\"\)"):
+        _batch(model_dir, src, out)  # fp32 answers would be mixed into bf16 ones
+    # A settings file from before --eval_dtype was recorded: its answers were made in fp32.
+    stored = json.loads(settings.read_text())
+    del stored["eval_dtype"]
+    settings.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"--eval_dtype \"bfloat16\" \(the output was made with \"float32\"\)"):
+        _batch(model_dir, src, out, "--eval_dtype", "bfloat16")
+    assert _batch(model_dir, src, out) == 0
+    assert dtypes[-1] == torch.float32 and "1 answered, 1 skipped" in capsys.readouterr().out

@@ -78,6 +78,7 @@ def server(model_dir):
     env.pop("SFT_SERVE_API_KEY", None)
     proc = subprocess.Popen([sys.executable, str(REPO / "hf_sft_eval.py"), "serve", "--model", model_dir,
                              "--served_name", NAME, "--port", str(port), "--api_key", KEY, "--threads", "1",
+                             "--eval_dtype", "float32",  # as `local`: auto would be bf16 on a CPU with native bf16
                              "--max_request_bytes", "20000", "--max_tokens_limit", "3000",
                              "--shutdown_seconds", "20"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -176,6 +177,86 @@ def test_a_full_queue_or_a_closing_server_is_503(qwen_tokenizer):
     with pytest.raises(api.ApiError, match="shutting down") as caught:
         worker.admit()
     assert caught.value.status == 503
+
+
+class _Loaded(Exception):
+    """Raised by a fake load_for_inference: serve got as far as loading, with these arguments."""
+
+
+@pytest.fixture
+def serve_to_load(monkeypatch):
+    """serve_main(flags) up to its load_for_inference -> (what the loader was given, torch.set_num_threads values);
+    available_cpus() says 3, and a CUDA device is taken as there without touching the variables."""
+    from sft.evaluate import cli, serve
+
+    seen: dict = {}
+    threads: list[int] = []
+
+    def fake(path, **kwargs):
+        seen.update(path=path, **kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr(serve, "load_for_inference", fake)
+    monkeypatch.setattr(serve, "_use_gpu", lambda device: None)
+    monkeypatch.setattr(cli, "available_cpus", lambda: 3)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+
+    def run(*flags) -> tuple[dict, list[int]]:
+        seen.clear()
+        threads.clear()
+        with pytest.raises(_Loaded):
+            serve.serve_main(["--model", "some-model", *flags])
+        return dict(seen), list(threads)
+
+    return run
+
+
+@pytest.mark.parametrize("flags, gpu_bf16, dtype, reason", [
+    (["--eval_dtype", "bfloat16"], None, "bfloat16", "--eval_dtype"),
+    (["--device", "cuda"], True, "bfloat16", "auto: the GPU has native bf16"),
+    (["--device", "cuda"], False, "float16", "auto: the GPU has no native bf16"),
+    (["--device", "cuda", "--eval_dtype", "float32"], True, "float32", "--eval_dtype"),
+])
+def test_serve_loads_the_model_in_the_eval_dtype_asked_for(serve_to_load, monkeypatch, capsys, flags, gpu_bf16,
+                                                           dtype, reason):
+    # Before: serve loaded every model in fp32 (on a GPU too) and left torch's default thread count.
+    asked: list = []
+
+    def bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return gpu_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    seen, threads = serve_to_load(*flags)
+    device = "cuda" if "cuda" in flags else "cpu"
+    assert (seen["path"], seen["dtype"], seen["device"]) == ("some-model", dtype, device)
+    assert threads == [3]  # available_cpus(), not torch's default
+    assert asked == ([False] if reason.startswith("auto") else [])  # native bf16 only, not emulated
+    assert f"hf_sft_eval.py serve: some-model in {dtype} ({reason}) on {device}, 3 CPU thread(s)" in capsys.readouterr().err
+
+
+def test_serve_auto_dtype_on_the_cpu_follows_the_cpu_flags_and_threads_follow_the_flag(serve_to_load, monkeypatch,
+                                                                                       tmp_path):
+    from sft.evaluate import inference
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # says nothing about bf16
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(inference, "CPUINFO", str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n")
+    assert serve_to_load()[0]["dtype"] == "bfloat16"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f\n")
+    assert serve_to_load("--threads", "2") == ({"path": "some-model", "base_model": None, "dtype": "float32",
+                                                "device": "cpu"}, [2])
+
+
+def test_serve_refuses_a_bad_eval_dtype_naming_the_flag(monkeypatch, capsys):
+    import hf_sft_eval
+
+    monkeypatch.setattr(hf_sft_eval, "hide_gpus", lambda: None)  # leave this process's CUDA variables alone
+    assert hf_sft_eval.main(["serve", "--model", "unused", "--eval_dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "hf_sft_eval.py: error: invalid configuration: --eval_dtype 'float16': expected auto, float32 or bfloat16" in err
+    assert "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------- the server
@@ -306,7 +387,7 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_goes(server):
     assert state["cancelled"] == before + 1 and state["cancelled_tokens"][-1] < 3000
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits(client, server):
+def test_sigterm_finishes_the_request_in_flight_then_exits(client, server, model_dir):
     """Runs last: it stops the module's server."""
     url, proc = server
     chunks: list = []
@@ -333,6 +414,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(client, server):
     assert not errors, errors
     assert chunks[-1].choices[0].finish_reason == "length"
     assert "Application shutdown complete" in log
+    assert f"hf_sft_eval.py serve: {model_dir} in float32 (--eval_dtype) on cpu, 1 CPU thread(s)" in log
 
 
 # --------------------------------------------------------------------------------------- tool calls
