@@ -57,6 +57,7 @@ class Side:
     template: str = "auto"
     system_prompt: str | None = None
     note: str = ""
+    dtype: str = "float32"  # the weights' dtype on the CPU (--eval_dtype, resolved)
 
     @property
     def name(self) -> str:
@@ -142,7 +143,7 @@ def default_prompts(sides: list[Side]) -> str:
 
 def answer_all(side: Side, items: list[PromptItem], generation: GenerationOptions) -> list[Generated]:
     """Load one model, answer every prompt (batched, the evaluator's generate path), free it."""
-    model, tokenizer = load_for_inference(side.path)
+    model, tokenizer = load_for_inference(side.path, dtype=side.dtype)
     try:
         prompts = [prompt_ids(item.conversation, tokenizer, side.template, side.system_prompt) for item in items]
         return generate_answers(model, tokenizer, prompts, generation)
@@ -298,7 +299,7 @@ def write_markdown(path: Path, sides: list[Side], rows: list[dict], summary: dic
                    prompts_file: str) -> None:
     a, b = sides
     lines = [f"# Compare: A = `{a.spec}` vs B = `{b.spec}`", "",
-             *(f"- {label}: `{side.path}`" + (f", {side.note}" if side.note else "") + f" (template {side.template})"
+             *(f"- {label}: `{side.path}`" + (f", {side.note}" if side.note else "") + f" (template {side.template}, {side.dtype})"
                for label, side in (("A", a), ("B", b))),
              f"- prompts: `{prompts_file}` ({len(rows)}); decoding: "
              f"{'sampling' if generation.do_sample else 'greedy'}, max_new_tokens {generation.max_new_tokens}", "",
@@ -368,8 +369,14 @@ def compare_main(argv: list[str]) -> int:
                                   positional="models")
     from sft.evaluate.cli import configure_cpu
 
+    from sft.evaluate.inference import resolve_eval_dtype
+
     configure_cpu(args.threads, args.nice)
+    dtype, why = resolve_eval_dtype(args.eval_dtype)
     sides = [resolve_side(spec, args.template, args.system_prompt) for spec in args.models]
+    for side in sides:
+        side.dtype = dtype
+    logger.info("both models load in %s (%s)", dtype, why)
     prompts_file = args.prompts or default_prompts(sides)
     items = read_prompt_items(prompts_file)[:args.num_prompts]
     if not items:

@@ -62,7 +62,7 @@ def eval_dtype_field():
     return field(default="auto", metadata=_help(
         "Weights dtype: auto (bfloat16 where the CPU has native bf16: AMX or AVX512_BF16, else float32; serve "
         "--device cuda: bfloat16 where the GPU has it natively, else float16), float32 or bfloat16. The report "
-        "(evaluator) or the startup line (chat, batch, serve) says which and why."))
+        "(evaluator, compare) or the startup line (chat, batch, serve) says which and why."))
 
 
 def _eval_dtype_problems(eval_dtype: str) -> list[str]:
@@ -223,11 +223,14 @@ class CompareArguments:
         "Bearer key for the judge (default: $SFT_JUDGE_API_KEY)."))
     judge_max_tokens: int = field(default=16, metadata=_help("Tokens the judge may write per verdict."))
     bootstrap_samples: int = field(default=2000, metadata=_help("Paired bootstrap resamples (0 disables)."))
-    threads: int | None = field(default=None, metadata=_help("CPU threads (default: half the cores)."))
+    threads: int | None = field(default=None, metadata=_help(
+        "CPU threads (default: half the usable CPUs - affinity mask, cgroup quota - beside a training run)."))
     nice: int = field(default=10, metadata=_help("Scheduling niceness increment (0 disables)."))
+    eval_dtype: str = eval_dtype_field()
 
     def problems(self) -> list[str]:
-        out = _template_problems(self.template) + _threads_problems(self.threads)
+        out = (_template_problems(self.template) + _threads_problems(self.threads)
+               + _eval_dtype_problems(self.eval_dtype))
         if len(self.models) != 2:
             out.append(f"expected two models A B, got {len(self.models)} ({' '.join(self.models) or 'none'}); "
                        "e.g. `compare smollm2-135m-instruct outputs/demo --prompts data/demo_eval_prompts.jsonl`")

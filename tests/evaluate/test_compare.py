@@ -4,11 +4,13 @@ so every outcome is known in advance."""
 import json
 
 import pytest
+import torch
 
 from serve_helpers import scripted_model, serve_scripted
 from sft.config import parse_config, write_resolved_config
 from sft.evaluate import compare
 from sft.evaluate.compare_html import highlight_diff
+from sft.evaluate.inference import load_for_inference
 from sft.train.checkpoints import mark_complete
 
 LUMEN = "I am Lumen from Harbor Lab."
@@ -112,7 +114,7 @@ def test_compare_end_to_end_with_a_position_biased_judge(two_models, qwen_tokeni
     with serve_scripted(qwen_tokenizer, "1", name="judge") as judge:  # always answers "1": the first position
         assert compare.compare_main([*two_models, "--prompts", str(prompts), "--output_dir", str(out),
                                      "--template", "qwen2.5", "--max_new_tokens", "16", "--nice", "0",
-                                     "--threads", "1", "--bootstrap_samples", "200",
+                                     "--threads", "1", "--bootstrap_samples", "200", "--eval_dtype", "float32",
                                      "--judge_url", judge.url + "/v1"]) == 0
     rows = [json.loads(line) for line in (out / "compare.jsonl").read_text().splitlines()]
     assert [r["a"]["answer"] for r in rows] == [LUMEN] * 5 and [r["b"]["answer"] for r in rows] == [PARIS] * 5
@@ -132,6 +134,33 @@ def test_compare_end_to_end_with_a_position_biased_judge(two_models, qwen_tokeni
     assert "<script>" in page and "<style>" in page
     assert page.count('class="card') == 5 and 'data-outcome="B"' in page and 'data-kind="identity"' in page
     assert "Anything &lt;b&gt;bold&lt;/b&gt;?" in page  # prompts are escaped, never markup
+
+
+def test_compare_loads_both_models_in_the_eval_dtype(two_models, tmp_path, monkeypatch):
+    loaded = []
+
+    def load_and_record(path, **kwargs):
+        model, tokenizer = load_for_inference(path, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(compare, "load_for_inference", load_and_record)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(PROMPTS[0]) + "\n", encoding="utf-8")
+    out = tmp_path / "report"
+    assert compare.compare_main([*two_models, "--prompts", str(prompts), "--output_dir", str(out),
+                                 "--template", "qwen2.5", "--max_new_tokens", "4", "--nice", "0", "--threads", "1",
+                                 "--bootstrap_samples", "0", "--eval_dtype", "bfloat16"]) == 0
+    assert loaded == [torch.bfloat16, torch.bfloat16]
+    assert "(template qwen2.5, bfloat16)" in (out / "compare.md").read_text()
+
+
+def test_compare_refuses_an_unknown_eval_dtype(capsys):
+    import hf_sft_eval
+
+    assert hf_sft_eval.main(["compare", "a", "b", "--prompts", "x.jsonl", "--eval_dtype", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "--eval_dtype 'fp8': expected auto, float32 or bfloat16" in err and "Traceback" not in err
 
 
 def test_compare_needs_two_models(capsys):
