@@ -86,6 +86,34 @@ class Outcome(Enum):
 # ---------------------------------------------------------------------------------- checkpoints
 
 
+_INDEXED_CPU = re.compile(r"cpu:\d+$")
+_indexed_cpu_registered = False
+
+
+def allow_indexed_cpu_restore() -> None:
+    """Let torch.load restore storages to an indexed CPU device ("cpu:0").
+
+    transformers 5.17 (the GPU image's, the lowest requirements.txt allows) resumes a multi-process run's
+    optimizer state with map_location=args.device, which is "cpu:0" in a multi-process CPU (gloo) run, and
+    torch cannot restore to that ("don't know how to restore data location ... (tagged with cpu:0)"); later
+    transformers pass "cpu". This registers a restore rule for "cpu:N" through torch's public extension point
+    (torch.serialization.register_package): the storage stays on the CPU. Idempotent; nothing changes for
+    the locations torch already knows.
+    """
+    global _indexed_cpu_registered
+    if _indexed_cpu_registered:
+        return
+
+    def tag(_storage):  # never tags a storage when saving
+        return None
+
+    def restore(storage, location: str):
+        return storage if _INDEXED_CPU.match(location) else None
+
+    torch.serialization.register_package(99, tag, restore)
+    _indexed_cpu_registered = True
+
+
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / COMPLETE_MARKER).is_file()
 

@@ -48,6 +48,7 @@ from sft.train.callbacks import (
 from sft.train.checkpoints import (
     CHECKPOINT_RE,
     Outcome,
+    allow_indexed_cpu_restore,
     check_output_dir_shared,
     check_resume_data,
     check_resume_topology,
@@ -403,6 +404,7 @@ def make_trainer(run: TrainingRun, model, args) -> Trainer:
         logger.info("loss: %s (--fused_loss %s)", "Liger Kernel's fused linear cross-entropy" if fused == "liger"
                     else "chunked linear cross-entropy (sft.train.linear_cross_entropy)", run.config.model.fused_loss)
     attach_chunked_loss(model, fused_loss=fused)
+    allow_indexed_cpu_restore()  # transformers 5.17 resumes a multi-process CPU run's optimizer to "cpu:0"
     trainer = Trainer(model=model, args=args, train_dataset=run.train_data, eval_dataset=run.eval_batches or None,
                       data_collator=run.collate, processing_class=run.tokenizer,
                       optimizer_cls_and_kwargs=loraplus_optimizer(run.config.method, args))
