@@ -313,6 +313,13 @@ def case_hf_sft(ctx: dict, name: str) -> dict:
             import deepspeed  # noqa: F401
         except ImportError:
             return {"status": "skipped", "note": "deepspeed not installed (carry its wheel: bench/gpu_wheels.txt)"}
+    if name == "hf_fsdp" and ctx["dry_run"]:
+        import torch
+
+        from sft.train.engine import fsdp_cpu_problem
+
+        if fsdp_cpu_problem(torch.__version__):
+            return {"status": "skipped", "note": f"FSDP2 on CPU needs torch >= 2.7 (this is {torch.__version__})"}
     if name == "hf_qlora":
         import importlib.util
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 from pathlib import Path
 
@@ -65,6 +66,25 @@ def fallback_problem(requested: str | None, distributed_type: str, num_processes
             f"model is NOT sharded. Cause: {cause}. Fix: {fix}.")
 
 
+FSDP_CPU_MIN_TORCH = (2, 7)
+
+
+def fsdp_cpu_problem(torch_version: str) -> str | None:
+    """Why this torch cannot run FSDP2 on CPU processes (gloo), or None.
+
+    torch 2.6's FSDP2 all-gathers through torch.cpu.Stream, which has no record_event there: every CPU run
+    stops at the first forward with an AttributeError (found running the suite under torch 2.6.0; 2.7.1
+    passes). CUDA runs use CUDA streams, which have it.
+    """
+    major_minor = tuple(int(x) for x in re.findall(r"\d+", torch_version.split("+")[0])[:2])
+    if major_minor >= FSDP_CPU_MIN_TORCH:
+        return None
+    return (f"FSDP on CPU processes needs torch >= {'.'.join(map(str, FSDP_CPU_MIN_TORCH))}; this is torch "
+            f"{torch_version}, whose FSDP2 all-gathers through a CPU stream without record_event. Upgrade torch "
+            "(pip install 'torch>=2.7,<2.14'), or train on CPU with DDP (accelerate launch without the FSDP "
+            "config); FSDP on CUDA GPUs is not affected")
+
+
 def apply_requested_engine(trainer) -> str:
     """Call right after building the Trainer, on every process; returns the engine name that will run."""
     from accelerate.state import AcceleratorState, PartialState
@@ -73,6 +93,11 @@ def apply_requested_engine(trainer) -> str:
     state = trainer.accelerator.state
     requested = requested_engine()
     if requested == "fsdp" and state.distributed_type == DistributedType.MULTI_CPU:
+        import torch
+
+        problem = fsdp_cpu_problem(torch.__version__)
+        if problem:
+            raise ValueError(problem)
         plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch exported
         if state.mixed_precision != "no":
             plugin.set_mixed_precision(state.mixed_precision)

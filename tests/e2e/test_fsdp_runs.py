@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sft.train.engine import fsdp_cpu_problem
 from tests.e2e.test_train_runs import REPO, _train, _write_data
+
+pytestmark = pytest.mark.skipif(fsdp_cpu_problem(torch.__version__) is not None,
+                                reason="FSDP2 on CPU processes needs torch >= 2.7")
 
 STEPS = ["--max_steps", "4", "--save_steps", "2", "--gradient_accumulation_steps", "1", "--group_by_length", "false"]
 FSDP = ["--per_device_train_batch_size", "2", "--shuffle_buffer", "2"]

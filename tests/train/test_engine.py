@@ -6,7 +6,12 @@ import os
 import pytest
 import torch
 
-from sft.train.engine import fallback_problem, requested_engine
+from sft.train.engine import fallback_problem, fsdp_cpu_problem, requested_engine
+
+# FSDP2 on CPU processes needs torch >= 2.7 (sft.train.engine.fsdp_cpu_problem): below it these tests would
+# only meet that error.
+needs_fsdp_on_cpu = pytest.mark.skipif(fsdp_cpu_problem(torch.__version__) is not None,
+                                       reason="FSDP2 on CPU needs torch >= 2.7")
 
 
 def test_requested_engine_reads_what_accelerate_launch_exports():
@@ -26,6 +31,14 @@ def test_fsdp_asked_but_ddp_running_is_a_loud_message_with_cause_and_fix():
     assert fallback_problem("deepspeed", "DistributedType.DEEPSPEED", 1) is None  # runs on CPU, even one process
     assert fallback_problem("fsdp", "DistributedType.FSDP", 2) is None
     assert fallback_problem(None, "DistributedType.MULTI_CPU", 2) is None
+
+
+def test_fsdp_on_cpu_below_torch_27_is_a_clear_error_naming_the_fix():
+    message = fsdp_cpu_problem("2.6.0+cu124")
+    assert message.startswith("FSDP on CPU processes needs torch >= 2.7; this is torch 2.6.0+cu124")
+    assert "pip install 'torch>=2.7,<2.14'" in message and "with DDP" in message
+    for version in ("2.7.1+cu126", "2.13.0+cpu", "2.10.0a0+git1234", "3.0.0"):
+        assert fsdp_cpu_problem(version) is None, version
 
 
 COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor",
@@ -93,6 +106,7 @@ def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os._exit(0)  # no interpreter finalization with the sharded model alive (gloo can abort there; see hf_sft.leave)
 
 
+@needs_fsdp_on_cpu
 def test_ranks_with_very_different_supervised_counts_issue_the_same_collectives(tmp_path):
     """The chunk count follows each rank's supervised tokens; the collectives must not (or ranks hang)."""
     import socket
