@@ -152,8 +152,10 @@ def check_settings(output: str, settings: dict[str, Any]) -> None:
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: not readable ({err}); it records the settings of {output}. Delete both "
                              "files to start afresh, or pass another --output") from None
-        if isinstance(stored, dict):
-            stored.setdefault("eval_dtype", "float32")  # recorded before --eval_dtype: every model loaded in fp32
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path}: expected a JSON object of settings, found {type(stored).__name__}; it records "
+                             f"the settings of {output}. Delete both files to start afresh, or pass another --output")
+        stored.setdefault("eval_dtype", "float32")  # recorded before --eval_dtype: every model loaded in fp32
         changed = [f"--{key} {_flag_value(settings.get(key))} (the output was made with "
                    f"{_flag_value(stored.get(key))})" for key in sorted(set(stored) | set(settings))
                    if stored.get(key) != settings.get(key)]

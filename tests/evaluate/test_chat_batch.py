@@ -460,3 +460,7 @@ def test_batch_answers_with_a_bf16_model_and_records_the_dtype(model_dir, tmp_pa
         _batch(model_dir, src, out, "--eval_dtype", "bfloat16")
     assert _batch(model_dir, src, out) == 0
     assert dtypes[-1] == torch.float32 and "1 answered, 1 skipped" in capsys.readouterr().out
+    settings.write_text("[1, 2]")  # valid JSON, but not the settings object: a clear error, not an AttributeError
+    with pytest.raises(ValueError, match=r"settings\.json: expected a JSON object of settings, found list; .*"
+                                         r"Delete both files to start afresh"):
+        _batch(model_dir, src, out)
