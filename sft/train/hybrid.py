@@ -102,6 +102,7 @@ def run_full_then_lora(
     resume_from_checkpoint: str | None = None,
     finish_checkpoint: Callable[[Path, int], None] | None = None,
     before_lora_phase: Callable[[str], None] | None = None,
+    load_finished: Callable[[Any, str], Any] | None = None,
 ):
     """Train `model` (prepared as full fine-tuning) with the hybrid method; return the LoRA PeftModel.
 
@@ -113,6 +114,9 @@ def run_full_then_lora(
     the switch, before LoRA trains: a stateful data stream restores its position there (map-style
     datasets need nothing: the Trainer skips the consumed batches itself). When resuming from a LoRA
     checkpoint it is not called: restore the stream from that checkpoint as for any resume.
+    load_finished(trainer, checkpoint) -> model: given when resume_from_checkpoint is already at max_steps (a run
+    killed after its last save): the LoRA checkpoint is loaded through it instead of trained, which would take
+    the Trainer one step past max_steps. Such a checkpoint is always a LoRA one (full_ratio < 1).
 
     Returns the PeftModel (adapter base = output_dir/full_phase), or the full model if phase 1 was
     stopped early (signal, early stopping, non-finite loss): then no switch happens.
@@ -122,7 +126,10 @@ def run_full_then_lora(
     if checkpoint is not None and is_adapter_dir(checkpoint):
         logger.info("full_then_lora: resuming phase 2 (LoRA) from %s", checkpoint)
         lora_model = apply_lora(_load_switch_weights(output_dir, model), method_args, training_args)
-        return _train_lora_phase(make_trainer(lora_model, training_args), checkpoint)
+        trainer = make_trainer(lora_model, training_args)
+        if load_finished is not None:
+            return load_finished(trainer, str(checkpoint))
+        return _train_lora_phase(trainer, checkpoint)
 
     model.requires_grad_(True)
     phase1 = make_trainer(model, training_args)

@@ -495,7 +495,8 @@ def _fit(run: TrainingRun):
         run.resume,
         finish_checkpoint=lambda folder, step: finish_checkpoint(folder, step, run.data_state_at(step), run.args),
         # Phase 2 must continue the stream where phase 1 stopped, not restart it.
-        before_lora_phase=lambda ckpt: run.train_data.load_state(read_data_state(ckpt, rank, world)))
+        before_lora_phase=lambda ckpt: run.train_data.load_state(read_data_state(ckpt, rank, world)),
+        load_finished=_load_finished if _resumed_step(run.resume) >= run.max_steps else None)
 
 
 def _resumed_step(checkpoint: str | None) -> int:

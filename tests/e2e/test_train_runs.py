@@ -130,3 +130,29 @@ def test_two_processes_read_every_sample_exactly_once(tmp_path):
     assert sorted(seen) == sorted(f"train.jsonl:{i}" for i in range(1, 25))
     checkpoint = tmp_path / "ddp" / "checkpoint-6"
     assert (checkpoint / "data_state-rank0.json").exists() and (checkpoint / "data_state-rank1.json").exists()
+
+
+def test_full_then_lora_killed_after_its_last_checkpoint_resumes_to_the_final_model_without_an_extra_step(tmp_path):
+    """SIGKILL after checkpoint-4 of 4 (before the final model): the resume loads that LoRA checkpoint as the
+    final model; the Trainer would otherwise train a step 5 past --max_steps."""
+    data = tmp_path / "train.jsonl"
+    _write_data(data, 40)
+    args = ["--data", str(data), "--finetuning_type", "full_then_lora", "--full_ratio", "0.5", "--max_steps", "4",
+            "--save_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--output_dir", str(tmp_path / "run")]
+    killed = _train(args, script=[str(Path(__file__).with_name("fault_launcher.py")), "--kill_after_save", "4"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "checkpoint-4" / "COMPLETE").exists() and not (run / "adapter_model.safetensors").exists()
+    resumed = _train(args + ["--resume_from_checkpoint", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "is at --max_steps 4 already: nothing left to train" in resumed.stderr
+    assert not (run / "checkpoint-5").exists()
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+    from safetensors.torch import load_file
+
+    final = load_file(run / "adapter_model.safetensors")
+    last = load_file(run / "checkpoint-4" / "adapter_model.safetensors")
+    assert final.keys() == last.keys() and all((final[k] == last[k]).all() for k in final)

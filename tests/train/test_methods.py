@@ -196,13 +196,13 @@ def test_switch_step():
         switch_step(0.2, 2)
 
 
-def _hybrid_run(output_dir, tokenizer, resume=None, switched: list | None = None):
+def _hybrid_run(output_dir, tokenizer, resume=None, switched: list | None = None, load_finished=None):
     method = MethodArguments(finetuning_type="full_then_lora", full_ratio=0.4, lora_rank=4)
     args = _args(output_dir, max_steps=5, save_strategy="steps", save_steps=1)
     model = prepare_model(load_model(MODEL), method, args)
     hook = switched.append if switched is not None else None
     return run_full_then_lora(make_trainer, model, tokenizer, method, args, resume, finish_checkpoint=_mark_switch,
-                              before_lora_phase=hook)
+                              before_lora_phase=hook, load_finished=load_finished)
 
 
 def _mark_switch(folder, step):
@@ -275,6 +275,29 @@ def test_full_then_lora_resumes_from_a_lora_checkpoint(hybrid_run, tmp_path, tok
         if "lora_" in name:
             torch.testing.assert_close(value, uninterrupted[name], atol=1e-6, rtol=0)
     torch.testing.assert_close(_logits(resumed), _logits(model), atol=1e-5, rtol=0)
+
+
+def test_full_then_lora_resumed_at_max_steps_trains_no_extra_step(hybrid_run, tmp_path, tokenizer):
+    """A run killed after its last checkpoint, before the final model: resuming checkpoint-5 of 5 loads it as
+    the final model (sft.train.run._load_finished) instead of training a step 6."""
+    import shutil
+
+    from sft.train.run import _load_finished
+
+    output_dir, model, _ = hybrid_run
+    copy = tmp_path / "run"
+    shutil.copytree(output_dir, copy)
+    before = _state(copy / "checkpoint-5")
+    switched: list[str] = []
+    resumed = _hybrid_run(copy, tokenizer, resume=str(copy / "checkpoint-5"), switched=switched,
+                          load_finished=_load_finished)
+    assert switched == [] and not (copy / "checkpoint-6").exists()
+    assert _state(copy / "checkpoint-5") == before  # not trained, not saved again
+    uninterrupted = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    lora = {n: p for n, p in resumed.named_parameters() if "lora_" in n}
+    assert lora.keys() == uninterrupted.keys()
+    for name, value in lora.items():
+        torch.testing.assert_close(value, uninterrupted[name], atol=0, rtol=0)
 
 
 def test_full_then_lora_resumes_from_a_full_phase_checkpoint(hybrid_run, tmp_path, tokenizer):
