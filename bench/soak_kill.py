@@ -25,16 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.toy_data import write_toy_conversations  # noqa: E402 - the training tests' synthetic data
 
-
-def write_data(path: Path, n: int) -> None:
-    words = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"]
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            q = " ".join(words[(i * 7 + k) % len(words)] for k in range(3 + i % 11))
-            a = " ".join(words[(i * 3 + k) % len(words)] for k in range(2 + i % 13))
-            f.write(json.dumps({"conversations": [{"from": "human", "value": f"q{i} {q}"},
-                                                  {"from": "gpt", "value": a}]}) + "\n")
+WORDS = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"]
 
 
 def command(data: Path, out: Path, steps: int, save_steps: int) -> list[str]:
@@ -85,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="soak_kill-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "train.jsonl"
-    write_data(data, args.records)
+    write_toy_conversations(data, args.records, WORDS)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     started = time.time()

@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.toy_data import write_toy_conversations
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _write_data(path: Path, n: int) -> None:
-    words = ["alpha", "beta", "gamma", "delta", "你好", "世界", "one", "two"]
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            q = " ".join(words[(i * 7 + k) % len(words)] for k in range(3 + i % 11))
-            a = " ".join(words[(i * 3 + k) % len(words)] for k in range(2 + i % 13))
-            f.write(json.dumps({"conversations": [{"from": "human", "value": f"q{i} {q}"},
-                                                  {"from": "gpt", "value": a}]}, ensure_ascii=False) + "\n")
+def _write_data(path: Path, n: int) -> Path:
+    return write_toy_conversations(path, n, ["alpha", "beta", "gamma", "delta", "你好", "世界", "one", "two"])
 
 
 def _train(args: list[str], launcher: list[str] | None = None, script: list[str] = ("hf_sft.py",)):

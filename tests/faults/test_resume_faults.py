@@ -14,20 +14,15 @@ import pytest
 import torch
 
 from sft.train.checkpoints import COMPLETE_MARKER, read_run_end, resolve_resume
+from tests.toy_data import write_toy_conversations
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "tests" / "e2e" / "fault_launcher.py"
 
 
 def _write_data(path: Path, n: int) -> Path:
-    words = ["alpha", "beta", "gamma", "delta", "one", "two", "three"]
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            q = " ".join(words[(i * 3 + k) % len(words)] for k in range(3 + i % 5))
-            a = " ".join(words[(i * 5 + k) % len(words)] for k in range(2 + i % 7))
-            f.write(json.dumps({"conversations": [{"from": "human", "value": f"q{i} {q}"},
-                                                  {"from": "gpt", "value": a}]}) + "\n")
-    return path
+    return write_toy_conversations(path, n, ["alpha", "beta", "gamma", "delta", "one", "two", "three"],
+                                   question=(3, 3, 5), answer=(5, 2, 7))
 
 
 COMMON = ["--model", "tiny-qwen2", "--report_to", "none", "--max_length", "64", "--learning_rate", "1e-3",
