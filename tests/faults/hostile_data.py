@@ -224,7 +224,7 @@ def _file_kinds(folder: Path) -> list[Kind]:
     packed = gzip.compress(data)
     truncated = folder / "truncated.jsonl.gz"
     truncated.write_bytes(packed[: len(packed) // 2])
-    readable = _readable_lines(truncated)
+    readable = readable_gzip_lines(truncated)
     kinds.append(Kind("truncated_gz", str(truncated), readable + 1, "unreadable"))
     bad_crc = bytearray(packed)
     bad_crc[-6] ^= 0xFF  # the CRC32 in the trailer
@@ -249,7 +249,7 @@ def _file_kinds(folder: Path) -> list[Kind]:
     return kinds
 
 
-def _readable_lines(path: Path) -> int:
+def readable_gzip_lines(path: Path) -> int:
     """Complete lines a gzip reader gets out of a truncated file before EOFError."""
     count = 0
     with gzip.open(path, "rb") as f:

@@ -8,7 +8,7 @@ import os
 from itertools import islice
 
 import pytest
-from hostile_data import corrupt_parquet, firefly
+from hostile_data import corrupt_parquet, firefly, readable_gzip_lines
 
 import sft.data.builder as builder
 import sft_data_builder
@@ -35,14 +35,7 @@ def _good_lines(start, n):
 def _truncated_gz(path, start, n):
     packed = gzip.compress(("\n".join(_good_lines(start, n)) + "\n").encode())
     path.write_bytes(packed[: len(packed) // 2])
-    readable = 0
-    with gzip.open(path, "rb") as f:
-        try:
-            for _ in f:
-                readable += 1
-        except EOFError:
-            pass
-    return str(path), readable
+    return str(path), readable_gzip_lines(path)
 
 
 def _hostile_sources(tmp_path):
