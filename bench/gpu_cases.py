@@ -228,9 +228,9 @@ def fused_loss_used(cuda: bool) -> str:
 
 HF_VARIANTS = {
     "hf_full": ["--finetuning_type", "full"],
-    # Token-budget batches as full as the bare loop's rows (8 x 2,048 padded tokens): the MFU at the bare
-    # loop's tokens per step, where hf_full's 8 samples carry ~5,300.
-    "hf_tokens": ["--finetuning_type", "full", "--batch_tokens", "BARE_TOKENS"],
+    # + --batch_tokens (hf_sft_command): token-budget batches as full as the bare loop's rows (8 x 2,048
+    # padded tokens), the MFU at the bare loop's tokens per step, where hf_full's 8 samples carry ~5,300.
+    "hf_tokens": ["--finetuning_type", "full"],
     "hf_packing": ["--finetuning_type", "full", "--packing", "true"],
     "hf_lora": ["--finetuning_type", "lora", "--learning_rate", "2e-4"],
     "hf_qlora": ["--finetuning_type", "qlora", "--learning_rate", "2e-4"],
@@ -260,8 +260,8 @@ def hf_sft_command(ctx: dict, name: str, output_dir: Path) -> list[str]:
             # The reader thread also on a CPU dry run (its default there is 0), so the dry run exercises it.
             "--prefetch_batches", "4",
             *(["--attn_implementation", packing_attention(not ctx["dry_run"])] if name == "hf_packing" else []),
-            *[str(sizes["bare"]["rows"] * sizes["bare"]["length"]) if arg == "BARE_TOKENS" else arg
-              for arg in HF_VARIANTS[name]]]
+            *(["--batch_tokens", str(sizes["bare"]["rows"] * sizes["bare"]["length"])] if name == "hf_tokens" else []),
+            *HF_VARIANTS[name]]
 
 
 def summarize_train_log(path: Path, warmup_steps: int) -> dict:

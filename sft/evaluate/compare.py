@@ -35,6 +35,7 @@ from sft.evaluate.inference import (
     generate_answers,
     load_for_inference,
     prompt_ids,
+    resolve_eval_dtype,
 )
 from sft.evaluate.options import CompareArguments, GenerationOptions
 
@@ -299,8 +300,8 @@ def write_markdown(path: Path, sides: list[Side], rows: list[dict], summary: dic
                    prompts_file: str) -> None:
     a, b = sides
     lines = [f"# Compare: A = `{a.spec}` vs B = `{b.spec}`", "",
-             *(f"- {label}: `{side.path}`" + (f", {side.note}" if side.note else "") + f" (template {side.template}, {side.dtype})"
-               for label, side in (("A", a), ("B", b))),
+             *(f"- {label}: `{side.path}`" + (f", {side.note}" if side.note else "")
+               + f" (template {side.template}, {side.dtype})" for label, side in (("A", a), ("B", b))),
              f"- prompts: `{prompts_file}` ({len(rows)}); decoding: "
              f"{'sampling' if generation.do_sample else 'greedy'}, max_new_tokens {generation.max_new_tokens}", "",
              f"**{verdict_line(summary)}**", ""]
@@ -368,8 +369,6 @@ def compare_main(argv: list[str]) -> int:
                                   description="Compare two models on the same prompts (A/B report).",
                                   positional="models")
     from sft.evaluate.cli import configure_cpu
-
-    from sft.evaluate.inference import resolve_eval_dtype
 
     configure_cpu(args.threads, args.nice)
     dtype, why = resolve_eval_dtype(args.eval_dtype)

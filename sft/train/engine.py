@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import resource
 from pathlib import Path
 
+from packaging.version import Version
 from transformers import TrainerCallback
 
 from sft.config import training_arg
@@ -76,8 +76,7 @@ def fsdp_cpu_problem(torch_version: str) -> str | None:
     stops at the first forward with an AttributeError (found running the suite under torch 2.6.0; 2.7.1
     passes). CUDA runs use CUDA streams, which have it.
     """
-    major_minor = tuple(int(x) for x in re.findall(r"\d+", torch_version.split("+")[0])[:2])
-    if major_minor >= FSDP_CPU_MIN_TORCH:
+    if Version(torch_version).release[:2] >= FSDP_CPU_MIN_TORCH:
         return None
     return (f"FSDP on CPU processes needs torch >= {'.'.join(map(str, FSDP_CPU_MIN_TORCH))}; this is torch "
             f"{torch_version}, whose FSDP2 all-gathers through a CPU stream without record_event. Upgrade torch "

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sft.config import BASE_CHANGING_INITS, VIRTUAL_TOKEN_METHODS, dtype_problems
+from sft.config import BASE_CHANGING_INITS, VIRTUAL_TOKEN_METHODS, dtype_problems, training_arg
 from sft.models import load_model
 from sft.train.export import merge_adapter
 
@@ -134,7 +134,7 @@ def prepare_model(model, method_args, training_args):
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=bool(_gradient_checkpointing(training_args))
+                model, use_gradient_checkpointing=bool(training_arg(training_args, "activation_checkpointing"))
             )
         model = apply_lora(model, method_args, training_args)
     elif kind == "ia3":
@@ -194,7 +194,7 @@ def apply_lora(model, method_args, training_args):
         ensure_weight_tying=bool(modules_to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
     )
     model = get_peft_model(model, config)
-    if _gradient_checkpointing(training_args):
+    if training_arg(training_args, "activation_checkpointing"):
         # With the base frozen, the first layer's input carries no grad and a checkpointed
         # (re-entrant) layer would then drop the adapter gradients entirely.
         model.enable_input_require_grads()
@@ -342,11 +342,6 @@ def _freeze_all_but_last_layers(model: nn.Module, trainable_layers: int, train_e
         output = model.get_output_embeddings()
         if output is not None:  # the same tensor when embeddings are tied
             output.requires_grad_(True)
-
-
-def _gradient_checkpointing(training_args) -> bool:
-    return bool(getattr(training_args, "activation_checkpointing", None)
-                or getattr(training_args, "gradient_checkpointing", None))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
