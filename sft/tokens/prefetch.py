@@ -22,6 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -79,13 +80,8 @@ class PrefetchStream(torch.utils.data.IterableDataset):
         thread.start()
         try:
             while True:
-                self._waiting = True
-                start = time.perf_counter()
-                try:
+                with self._waiting_for_data():
                     item = items.get()
-                finally:
-                    self._wait += time.perf_counter() - start
-                    self._waiting = False
                 if item is _END:
                     return
                 if isinstance(item, _Failed):
@@ -103,16 +99,21 @@ class PrefetchStream(torch.utils.data.IterableDataset):
         thread.join()
         self._producer = None
 
+    @contextmanager
+    def _waiting_for_data(self):
+        """The training loop waits for its next batch in this block: timed, and `reading` is True."""
+        self._waiting = True
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._wait += time.perf_counter() - start
+            self._waiting = False
+
     def _timed(self, iterator):
         while True:
-            self._waiting = True
-            start = time.perf_counter()
-            try:
-                with self._lock:
-                    item = next(iterator, _END)
-            finally:
-                self._wait += time.perf_counter() - start
-                self._waiting = False
+            with self._waiting_for_data(), self._lock:
+                item = next(iterator, _END)
             if item is _END:
                 return
             yield item
